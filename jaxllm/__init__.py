@@ -1,0 +1,1 @@
+"""jaxllm: train decoder LLMs end to end in JAX."""

@@ -1,0 +1,182 @@
+"""`jaxllm <verb>`: train, sweep, info, plot, tokenizer, sample.
+
+Every user mistake we can name (config, data, mesh, checkpoint) ends as a one-line
+`error: ...` on stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _user_errors():
+    from jaxllm.config import ConfigError
+    from jaxllm.data import DataError
+    from jaxllm.sharding import MeshError
+    from jaxllm.train.checkpoint import CheckpointError
+    return (ConfigError, DataError, MeshError, CheckpointError, FileNotFoundError)
+
+
+def cmd_train(args) -> None:
+    from jaxllm import config
+    from jaxllm.train.loop import run
+    exp = config.load(args.config, args.overrides)
+    result = run(exp)
+    if result.get("stopped_early"):
+        sys.exit(143)
+    summary = ", ".join(f"{k}={result[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_sec", "mfu")
+                        if k in result)
+    print(f"done: {exp.run_dir} ({summary})")
+    if exp.train.sample_prompts:
+        print_samples(exp, result["state"]["params"], result["tokenizer"])
+
+
+def print_samples(exp, params, tokenizer) -> None:
+    import jax
+    from jaxllm.generate import generate
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in exp.train.sample_prompts]
+    out = generate(params, exp.model, prompts, max_new_tokens=exp.train.sample_tokens,
+                   temperature=exp.train.sample_temperature, key=jax.random.key(exp.seed),
+                   stop_tokens=(tokenizer.eos_id,), top_p=0.95)
+    print("samples:")
+    for text, toks, n in zip(exp.train.sample_prompts, out["tokens"], out["lengths"]):
+        ids = [int(t) for t in toks[:n] if int(t) != tokenizer.eos_id]
+        print(f"  {text!r} -> {tokenizer.decode(ids)!r}")
+
+
+def cmd_info(args) -> None:
+    from jaxllm import config, models
+    if Path(args.target).is_file():
+        exp = config.load(args.target, args.overrides)
+        cfg, seq = exp.model, exp.data.seq_len
+    else:
+        exp = config.load(None, [f"model.preset={args.target}", *args.overrides])
+        cfg, seq = exp.model, args.seq_len or min(exp.model.max_seq_len, 4096)
+    counts = models.count_params(cfg)
+    mem = models.memory_estimate(cfg)
+    flops = models.flops_per_token(cfg, seq)
+    print(f"model {cfg.preset or '(custom)'}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, "
+          f"layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} kv, "
+          f"head_dim {cfg.dim_per_head}, mlp {cfg.intermediate_size}")
+    print(f"parameters: {counts['total']:,}")
+    for k in ("embedding", "lm_head", "attention", "mlp", "norms"):
+        print(f"  {k:<10} {counts[k]:>16,}")
+    print(f"training FLOPs per token at seq {seq}: {flops:.4g} "
+          f"(6N = {6 * models.counting.matmul_params(cfg):.4g}, attention causal-halved)")
+    gib = 1024**3
+    print(f"memory (unsharded, no activations): params {mem['params'] / gib:.2f} GiB, grads "
+          f"{mem['grads'] / gib:.2f} GiB, AdamW state {mem['optimizer'] / gib:.2f} GiB, "
+          f"total {mem['total'] / gib:.2f} GiB")
+
+
+def cmd_plot(args) -> None:
+    from jaxllm.train.metrics import plot_runs
+    for r in args.run_dirs:
+        if not (Path(r) / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{r}: no metrics.jsonl (not a run directory?)")
+    out = args.out or str(Path(args.run_dirs[0]) / "loss.png")
+    print(plot_runs(args.run_dirs, out))
+
+
+def cmd_sweep(args) -> None:
+    from jaxllm.sweep import run_sweep
+    run_sweep(args.sweep, args.overrides, out_dir=args.out)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from jaxllm import config
+    from jaxllm.data import read_documents, train_sentencepiece
+    exp = config.load(args.config, args.overrides)
+    docs = read_documents(exp.data)
+    path = train_sentencepiece(docs, args.vocab_size, args.out)
+    print(f"wrote {path}")
+
+
+def cmd_sample(args) -> None:
+    import jax
+    from jaxllm import config
+    from jaxllm.data import load_tokenizer
+    from jaxllm.train import step as step_lib
+    from jaxllm.train.checkpoint import Checkpointer
+    from jaxllm.train.optimizer import make_optimizer
+    from jaxllm import sharding
+    run_dir = Path(args.run_dir)
+    exp = config.load(run_dir / "resolved.yaml", args.overrides)
+    ckpt = Checkpointer(run_dir / "checkpoints", exp.checkpoint)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints: no checkpoint to sample from")
+    mesh = sharding.make_mesh(exp.mesh)
+    abstract = step_lib.abstract_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh)
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    tok = load_tokenizer(exp.data.tokenizer, run_dir, None)
+    prompts = tuple(args.prompt) or exp.train.sample_prompts
+    import dataclasses
+    exp = dataclasses.replace(exp, train=dataclasses.replace(
+        exp.train, sample_prompts=prompts, sample_tokens=args.max_new_tokens,
+        sample_temperature=args.temperature))
+    del jax
+    print_samples(exp, state["params"], tok)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxllm", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML experiment config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sweep", help="run a hyperparameter sweep file")
+    s.add_argument("sweep")
+    s.add_argument("overrides", nargs="*", help="overrides applied to every point")
+    s.add_argument("--out", help="sweep directory (default: from the sweep file)")
+    s.set_defaults(fn=cmd_sweep)
+
+    i = sub.add_parser("info", help="parameter count, FLOPs and memory of a config or preset")
+    i.add_argument("target", help="a YAML config or a model preset name")
+    i.add_argument("overrides", nargs="*")
+    i.add_argument("--seq-len", type=int, default=None)
+    i.set_defaults(fn=cmd_info)
+
+    pl = sub.add_parser("plot", help="loss curves of one or more run directories to PNG")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out")
+    pl.set_defaults(fn=cmd_plot)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tks = tk.add_subparsers(dest="tokverb", required=True)
+    tt = tks.add_parser("train", help="train a sentencepiece model on a config's data sources")
+    tt.add_argument("config")
+    tt.add_argument("overrides", nargs="*")
+    tt.add_argument("--vocab-size", type=int, default=2048)
+    tt.add_argument("--out", required=True, help="model prefix; writes PREFIX.model")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+
+    sa = sub.add_parser("sample", help="sample continuations from a run's latest checkpoint")
+    sa.add_argument("run_dir")
+    sa.add_argument("overrides", nargs="*")
+    sa.add_argument("--prompt", action="append", default=[])
+    sa.add_argument("--max-new-tokens", type=int, default=64)
+    sa.add_argument("--temperature", type=float, default=0.0)
+    sa.set_defaults(fn=cmd_sample)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args.fn(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

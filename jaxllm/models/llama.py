@@ -1,0 +1,244 @@
+"""The decoder family: Llama 2/3/3.1/3.2, Qwen2/2.5 and Mistral, selected by ModelConfig flags.
+
+Flax linen modules, used functionally through jaxllm.models.{init, forward, hidden_states}.
+Parameter names follow Hugging Face's (embed_tokens, layers.self_attn.q_proj, ...), with Dense
+kernels stored [in, out] (HF stores [out, in]) and the layers stacked on a leading axis.
+Every parameter carries logical axis names; activations are constrained at block boundaries.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxllm.models.config import ModelConfig
+from jaxllm.sharding import constrain
+
+NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with Llama-3 scaling when cfg.rope_scaling is set."""
+    hd = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate halves (HF's non-interleaved layout). x [B,T,H,D], positions [B,T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_mask(q_index, k_index, q_segment, k_segment, sliding_window=None):
+    """Boolean [B,T,S]: causal by index, same segment, optional sliding window."""
+    mask = k_index[:, None, :] <= q_index[:, :, None]
+    mask &= q_segment[:, :, None] == k_segment[:, None, :]
+    if sliding_window is not None:
+        mask &= q_index[:, :, None] - k_index[:, None, :] < sliding_window
+    return mask
+
+
+def reference_attention(q, k, v, mask, scale):
+    """Plain jnp GQA attention. q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def _dense(features, names, cfg: ModelConfig, use_bias=False, name=None):
+    return nn.Dense(
+        features, use_bias=use_bias, name=name,
+        dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), jnp.dtype(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.cfg.compute_dtype))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, kv, cache_meta):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        q = _dense(h * hd, ("embed", "heads"), cfg, cfg.qkv_bias, "q_proj")(x).reshape(b, t, h, hd)
+        k = _dense(kvh * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, "k_proj")(x)
+        v = _dense(kvh * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, "v_proj")(x)
+        k, v = k.reshape(b, t, kvh, hd), v.reshape(b, t, kvh, hd)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = checkpoint_name(q, "qkv")
+        k = checkpoint_name(k, "qkv")
+        v = checkpoint_name(v, "qkv")
+        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+        scale = 1.0 / math.sqrt(hd)
+
+        if kv is None:
+            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+            if cfg.attention_impl == "reference":
+                mask = attention_mask(idx, idx, segment_ids, segment_ids, cfg.sliding_window)
+                out = reference_attention(q, k, v, mask, scale)
+            else:
+                out = _fused_attention(cfg, q, k, v, segment_ids, scale)
+            new_kv = None
+        else:
+            # Write this chunk at `start`, then attend over the whole (masked) buffer.
+            start, cseg = cache_meta
+            ck = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), start, 1)
+            cv = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), start, 1)
+            s = ck.shape[1]
+            q_idx = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+            k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
+            mask = attention_mask(q_idx, k_idx, segment_ids, cseg, cfg.sliding_window)
+            out = reference_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, scale)
+            new_kv = {"k": ck, "v": cv}
+
+        out = out.reshape(b, t, h * hd)
+        return _dense(cfg.hidden_size, ("heads", "embed"), cfg, False, "o_proj")(out), new_kv
+
+
+def _fused_attention(cfg: ModelConfig, q, k, v, segment_ids, scale):
+    if cfg.sliding_window is not None:
+        raise NotImplementedError(
+            f"model.attention_impl={cfg.attention_impl!r} does not support sliding_window yet; "
+            "use attention_impl=reference")
+    if cfg.attention_impl == "cudnn":
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+    from jaxllm.kernels.flash_attention import flash_attention_sharded
+    from jaxllm.sharding import current
+    mesh, rules = current()
+    return flash_attention_sharded(q, k, v, segment_ids, mesh, rules=rules, causal=True,
+                                   sm_scale=scale, interpret=cfg.flash_interpret or None)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
+        hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hidden)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, kv, cache_meta):
+        attn, kv = Attention(self.cfg, name="self_attn")(
+            RMSNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids, kv, cache_meta)
+        x = x + attn
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), kv
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": jax.checkpoint_policies.save_only_these_names("qkv"),
+}
+
+
+class Decoder(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.compute_dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                        ("vocab", "embed")))
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")
+
+    def hidden(self, tokens, positions, segment_ids, cache):
+        x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+        kv, meta = None, None
+        if cache is not None:
+            # Segment ids of the whole buffer and the write offset are shared by all layers.
+            start = cache["index"]
+            cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
+            kv, meta = {"k": cache["k"], "v": cache["v"]}, (start, cseg)
+        if self.cfg.scan_layers:
+            x, kv = self.layers(x, positions, segment_ids, kv, meta)
+        else:
+            new = []
+            for i, layer in enumerate(self.layers):
+                x, layer_kv = layer(x, positions, segment_ids,
+                                    None if kv is None else jax.tree.map(lambda c: c[i], kv), meta)
+                new.append(layer_kv)
+            kv = None if kv is None else jax.tree.map(lambda *c: jnp.stack(c), *new)
+        if cache is not None:
+            cache = {**kv, "segment_ids": meta[1], "index": meta[0] + tokens.shape[1]}
+        return self.norm(x), cache
+
+    def logits(self, hidden):
+        if self.cfg.tie_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return constrain(out, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(self, tokens, positions, segment_ids, cache, return_hidden=False):
+        hidden, cache = self.hidden(tokens, positions, segment_ids, cache)
+        if return_hidden:
+            return hidden, cache
+        return self.logits(hidden), cache

@@ -1,0 +1,67 @@
+"""Checkpoints through orbax: the train state (params, optimizer, step, rng) plus the data
+iterator's state, saved asynchronously and atomically (orbax writes to a temporary directory and
+renames it on commit, so a crash mid-save never leaves a corrupt latest step)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxllm.config import CheckpointConfig
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _leaves_with_paths(tree):
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+        return self.manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+    def check_compatible(self, step: int, abstract_state) -> None:
+        """Refuse (with the first differing leaf named) a checkpoint of another shape."""
+        saved = _leaves_with_paths(self.manager.item_metadata(step)["state"].tree)
+        want = _leaves_with_paths(abstract_state)
+        missing = sorted(set(want) - set(saved))
+        extra = sorted(set(saved) - set(want))
+        if missing or extra:
+            raise CheckpointError(
+                f"{self.directory}/{step}: checkpoint does not match the config: "
+                f"{'missing ' + ', '.join(missing[:3]) if missing else ''}"
+                f"{'; unexpected ' + ', '.join(extra[:3]) if extra else ''}")
+        for key, leaf in want.items():
+            if tuple(saved[key].shape) != tuple(leaf.shape):
+                raise CheckpointError(
+                    f"{self.directory}/{step}: {key} has shape {tuple(saved[key].shape)} in the "
+                    f"checkpoint but {tuple(leaf.shape)} in the config (different model shape?)")
+
+    def restore(self, step: int, abstract_state):
+        """(state, data_state) with arrays placed per abstract_state's shardings."""
+        self.check_compatible(step, abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

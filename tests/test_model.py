@@ -1,0 +1,142 @@
+"""The decoder against Hugging Face transformers on tiny random models, plus its own invariants:
+KV-cache decode equals one forward, packed segments equal separate documents, presets count
+their published parameters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import models
+from jaxllm.interop.hf_names import config_from_hf, params_from_hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+forward = jax.jit(models.forward, static_argnames="cfg")
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5)
+
+HF_CASES = {
+    "llama3-gqa-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 32})),
+    "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True,
+                                                                rope_theta=1e6)),
+    "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+}
+
+
+def hf_model(case):
+    conf_cls, model_cls, extra = HF_CASES[case]
+    torch.manual_seed(0)
+    hf_cfg = getattr(transformers, conf_cls)(**TINY, **extra)
+    if case.startswith("mistral"):
+        hf_cfg._attn_implementation = "eager"  # sdpa ignores the window on some versions
+    model = getattr(transformers, model_cls)(hf_cfg).eval()
+    with torch.no_grad():  # norm weights start at 1: randomise so a mis-mapped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    cfg = config_from_hf(hf_cfg.to_dict())
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    return model, cfg, params_from_hf(sd.__getitem__, cfg)
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_logits_match_transformers(case):
+    model, cfg, params = hf_model(case)
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 24))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    ours, _ = forward(params, jnp.asarray(tokens), cfg)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-5)
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                num_kv_heads=2, max_seq_len=128)
+    return models.ModelConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 5}, {"scan_layers": False},
+                                {"num_kv_heads": 1}])
+def test_kv_cache_decode_equals_forward(kw):
+    cfg = small_cfg(**kw)
+    params = models.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
+    full, _ = forward(params, tokens, cfg)
+    cache = models.init_cache(cfg, 2, 32)
+    prefill, cache = forward(params, tokens[:, :7], cfg, cache=cache)
+    steps = [prefill]
+    for t in range(7, 20):
+        out, cache = forward(params, tokens[:, t:t + 1], cfg, cache=cache)
+        steps.append(out)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache["index"]) == 20
+
+
+def test_packed_segments_equal_separate_documents():
+    cfg = small_cfg()
+    params = models.init(cfg, jax.random.key(0))
+    a = jax.random.randint(jax.random.key(1), (1, 9), 0, cfg.vocab_size)
+    b = jax.random.randint(jax.random.key(2), (1, 7), 0, cfg.vocab_size)
+    packed = jnp.concatenate([a, b], 1)
+    seg = jnp.array([[1] * 9 + [2] * 7])
+    out, _ = forward(params, packed, cfg, segment_ids=seg)  # positions derived, reset
+    la, _ = forward(params, a, cfg)
+    lb, _ = forward(params, b, cfg)
+    np.testing.assert_allclose(out, jnp.concatenate([la, lb], 1), rtol=1e-5, atol=1e-5)
+    # Without segment ids the second document would see the first: a real difference.
+    mixed, _ = forward(params, packed, cfg)
+    assert np.abs(np.asarray(mixed[:, 9:] - lb)).max() > 1e-3
+
+
+def test_remat_and_bf16_paths_agree():
+    cfg = small_cfg()
+    params = models.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+
+    @jax.jit
+    def grads(p):
+        return [jax.grad(lambda p: jnp.mean(models.forward(p, tokens, c)[0] ** 2))(p)
+                for c in [cfg] + [cfg.replace(remat=r) for r in ("full", "save_dots", "save_qkv")]]
+    g0, *others = grads(params)
+    for g in others:
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g, g0)
+    bf, _ = forward(params, tokens, cfg.replace(compute_dtype="bfloat16"))
+    ref, _ = forward(params, tokens, cfg)
+    np.testing.assert_allclose(np.asarray(bf, np.float32), ref, atol=2e-2, rtol=2e-2)
+
+
+PUBLISHED = {"llama3-8b": 8_030_261_248, "llama2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
+             "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512,
+             "llama3.2-1b": 1_235_814_400, "llama3.1-8b": 8_030_261_248}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_preset_parameter_counts(name):
+    cfg = models.preset(name)
+    assert models.count_params(cfg)["total"] == PUBLISHED[name]
+    abstract = models.abstract_params(cfg)  # the real module tree, never allocated
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) == PUBLISHED[name]
+
+
+def test_vanilla_count_formula():
+    # Vanilla MHA with a 4H MLP: V*H + 12*H^2*L, up to norms and the untied head.
+    v, h, layers = 1000, 128, 3
+    cfg = models.ModelConfig(vocab_size=v, hidden_size=h, intermediate_size=4 * h,
+                             num_layers=layers, num_heads=4, num_kv_heads=4, tie_embeddings=True)
+    # Our MLP is SwiGLU (3 matrices): with 4H it holds 12H^2 instead of 8H^2 per layer.
+    swiglu_extra = 4 * h * h * layers
+    norms = (2 * layers + 1) * h
+    assert models.count_params(cfg)["total"] == v * h + 12 * h * h * layers + swiglu_extra + norms
+
+
+def test_flops_per_token_matches_6n_plus_attention():
+    cfg = models.preset("llama3-8b")
+    n_matmul = 8_030_261_248 - 128256 * 4096 - (2 * 32 + 1) * 4096  # no lookup, no norms
+    attn = 12 * 32 * 4096 * 32 * 128 / 2
+    assert models.flops_per_token(cfg, 4096) == pytest.approx(6 * n_matmul + attn)
