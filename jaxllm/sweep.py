@@ -83,7 +83,10 @@ def load_sweep(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
-    sweep = yaml.safe_load(path.read_text()) or {}
+    try:
+        sweep = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(sweep, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     for k in sweep:

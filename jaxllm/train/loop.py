@@ -112,6 +112,7 @@ def run(exp: Experiment, *, task=None) -> dict:
                             mfu=rate * flops_per_step / peak)
                 if (exp.train.eval_every and done % exp.train.eval_every == 0) or final:
                     last.update(evaluate(eval_step, state["params"], eval_batches, bsh))
+                    t_mark = time.perf_counter()  # eval time is not training throughput
                 logger.log(done, last)
             logger.advance(done)
             if ckpt is not None and (done % exp.checkpoint.every_steps == 0 or final):
