@@ -39,38 +39,44 @@ def name_table(cfg: ModelConfig) -> Iterator[tuple[tuple, str | None, str, bool]
             yield ("layers", *path), i, f"model.layers.{i}.{hf}", t
 
 
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype=None) -> dict:
-    """Nested numpy params from a getter of HF tensors (e.g. a safetensors file handle)."""
-    params: dict = {}
-    stacks: dict[tuple, list] = {}
+def grouped_table(cfg: ModelConfig) -> dict[tuple, list[tuple[int | None, str, bool]]]:
+    """Our param path -> [(layer, HF name, transpose)] (one entry, or one per layer)."""
+    rows: dict[tuple, list] = {}
     for path, layer, hf, t in name_table(cfg):
-        x = np.asarray(get(hf))
-        x = x.T if t else x
-        x = x.astype(dtype) if dtype is not None else x
-        if layer is None:
-            _put(params, path, x)
-        else:
-            stacks.setdefault(path, []).append(x)
-    for path, xs in stacks.items():
-        _put(params, path, np.stack(xs))
+        rows.setdefault(path, []).append((layer, hf, t))
+    return rows
+
+
+def read_param(get: Callable[[str], np.ndarray], entries) -> np.ndarray:
+    """One of our params as a host array, built from its HF tensor(s)."""
+    parts = [np.asarray(get(hf)).T if t else np.asarray(get(hf)) for _, hf, t in entries]
+    return parts[0] if entries[0][0] is None else np.stack(parts)
+
+
+def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype=None) -> dict:
+    """Nested numpy params from a getter of HF tensors (e.g. a state dict's __getitem__)."""
+    params: dict = {}
+    for path, entries in grouped_table(cfg).items():
+        x = read_param(get, entries)
+        put(params, path, x.astype(dtype) if dtype is not None else x)
     return params
 
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array) pairs, one tensor at a time."""
     for path, layer, hf, t in name_table(cfg):
-        x = _get(params, path)
+        x = get_path(params, path)
         x = np.asarray(x if layer is None else x[layer])
         yield hf, np.ascontiguousarray(x.T if t else x)
 
 
-def _put(tree: dict, path: tuple, value) -> None:
+def put(tree: dict, path: tuple, value) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple):
+def get_path(tree: dict, path: tuple):
     for p in path:
         tree = tree[p]
     return tree
@@ -109,3 +115,36 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=window)
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
+    """A config.json dict for the matching transformers architecture."""
+    if cfg.qkv_bias:  # Llama's attention_bias would also add an o_proj bias: Qwen2 it is
+        arch, model_type = "Qwen2ForCausalLM", "qwen2"
+    elif cfg.sliding_window is not None:
+        arch, model_type = "MistralForCausalLM", "mistral"
+    else:
+        arch, model_type = "LlamaForCausalLM", "llama"
+    out = {
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.dim_per_head,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu", "torch_dtype": torch_dtype, "attention_bias": False,
+    }
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": rs.factor,
+                               "low_freq_factor": rs.low_freq_factor,
+                               "high_freq_factor": rs.high_freq_factor,
+                               "original_max_position_embeddings": rs.original_max_position_embeddings}
+    if model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if model_type == "qwen2":
+        out.pop("attention_bias")
+        out["use_sliding_window"] = cfg.sliding_window is not None
+        out["sliding_window"] = cfg.sliding_window
+        out["max_window_layers"] = cfg.num_layers
+    return out

@@ -15,8 +15,18 @@ class CheckpointError(ValueError):
     pass
 
 
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def _leaves_with_paths(tree):
-    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    """{"params/layers/...": leaf}; namedtuple fields and dict keys spelled alike (orbax's
+    metadata turns optimizer-state namedtuples into dicts)."""
+    return {"/".join(_key_name(k) for k in path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpointer:
@@ -25,6 +35,8 @@ class Checkpointer:
         self.cfg = cfg
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save))
 
