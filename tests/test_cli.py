@@ -32,7 +32,7 @@ def sweep_dir(tmp_path_factory):
     (d / "sweep.yaml").write_text(
         "base: base.yaml\nmethod: grid\n"
         f"overrides: {json.dumps(overrides)}\n"
-        "parameters:\n  optimizer.lr: [0.001, 0.01]\n  train.grad_accum: [1, 2]\n")
+        "parameters:\n  optimizer.lr: [0.001, 0.01]\n  optimizer.warmup_steps: [1, 2]\n")
     cli.main(["sweep", str(d / "sweep.yaml"), "--out", str(d / "out")])
     return d
 
@@ -41,7 +41,7 @@ def test_sweep_runs_every_point_and_writes_results(sweep_dir):
     out = sweep_dir / "out"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
-    assert {(r["optimizer.lr"], r["train.grad_accum"]) for r in rows} == {
+    assert {(r["optimizer.lr"], r["optimizer.warmup_steps"]) for r in rows} == {
         ("0.001", "1"), ("0.001", "2"), ("0.01", "1"), ("0.01", "2")}
     assert all(float(r["eval_loss"]) > 0 and float(r["tokens_per_sec"]) > 0 for r in rows)
     assert (out / "results.md").read_text().count("\n") == 6

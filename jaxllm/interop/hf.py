@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxllm.interop.hf_names import (config_from_hf, config_to_hf,  # noqa: F401 (re-exported) get_path, grouped_table,
-                                     params_to_hf, put, read_param)
+from jaxllm.interop.hf_names import (config_from_hf, config_to_hf, get_path,  # noqa: F401
+                                     grouped_table, params_to_hf, put, read_param)
 from jaxllm.models.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

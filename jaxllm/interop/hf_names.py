@@ -111,7 +111,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 2048),
+        head_dim=None if hf.get("head_dim") == hf["hidden_size"] // hf["num_attention_heads"]
+        else hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=window)
