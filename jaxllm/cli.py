@@ -14,8 +14,9 @@ def _user_errors():
     from jaxllm.config import ConfigError
     from jaxllm.data import DataError
     from jaxllm.sharding import MeshError
+    from jaxllm.interop.hf import HFFormatError
     from jaxllm.train.checkpoint import CheckpointError
-    return (ConfigError, DataError, MeshError, CheckpointError, FileNotFoundError)
+    return (ConfigError, DataError, MeshError, CheckpointError, HFFormatError, FileNotFoundError)
 
 
 def cmd_train(args) -> None:
@@ -93,6 +94,42 @@ def cmd_tokenizer_train(args) -> None:
     print(f"wrote {path}")
 
 
+def cmd_convert(args) -> None:
+    from jaxllm.interop import hf
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise FileNotFoundError("convert: give exactly one of --from-hf DIR or --to-hf RUN_DIR")
+    if args.to_hf:
+        from jaxllm.train.checkpoint import restore_run_params
+        exp, params = restore_run_params(args.to_hf, args.step)
+        tok = Path(args.to_hf) / "tokenizer.model"
+        out = hf.save(exp.model, params, args.out, dtype=args.dtype)
+        if tok.is_file():
+            import shutil
+            shutil.copy(tok, Path(out) / "tokenizer.model")
+        print(f"wrote {out}")
+        return
+    # HF -> a jaxllm run directory holding the weights as step 0, ready for init or resume.
+    import dataclasses
+    import jax
+    from jaxllm import config, sharding
+    from jaxllm.train import step as step_lib
+    from jaxllm.train.checkpoint import Checkpointer
+    from jaxllm.train.optimizer import make_optimizer
+    seq = min(256, hf.load_config(args.from_hf).max_seq_len)
+    exp = config.load(None, [f"model.init_from=hf:{args.from_hf}", f"run_dir={args.out}",
+                             f"data.seq_len={seq}"])
+    mesh = sharding.make_mesh(exp.mesh)
+    _, params = hf.load(args.from_hf, dtype=args.dtype, mesh=mesh, rules=exp.mesh.rules)
+    exp = dataclasses.replace(exp, model=exp.model.replace(param_dtype=str(
+        jax.tree.leaves(params)[0].dtype)))
+    state = step_lib.init_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh, params)
+    config.save_resolved(exp, args.out)
+    ckpt = Checkpointer(Path(args.out) / "checkpoints", exp.checkpoint)
+    ckpt.save(0, state, {}, force=True)
+    ckpt.close()
+    print(f"wrote {args.out} (jaxllm run directory, checkpoint step 0)")
+
+
 def cmd_sample(args) -> None:
     import jax
     from jaxllm import config
@@ -155,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=2048)
     tt.add_argument("--out", required=True, help="model prefix; writes PREFIX.model")
     tt.set_defaults(fn=cmd_tokenizer_train)
+
+    cv = sub.add_parser("convert", help="Hugging Face <-> jaxllm checkpoints")
+    cv.add_argument("--from-hf", help="a local HF model directory (config.json + safetensors)")
+    cv.add_argument("--to-hf", help="a jaxllm run directory (its latest checkpoint)")
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--step", type=int, default=None, help="with --to-hf: this step, not the latest")
+    cv.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    cv.set_defaults(fn=cmd_convert)
 
     sa = sub.add_parser("sample", help="sample continuations from a run's latest checkpoint")
     sa.add_argument("run_dir")

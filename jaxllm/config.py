@@ -269,18 +269,32 @@ def _build(cls, raw: dict, prefix: str, here):
 
 
 def _resolve_preset(raw: dict, here) -> dict:
+    """Model fields from the preset, then from an hf: init_from's config.json, then the user's."""
     model = raw.get("model")
-    if not isinstance(model, dict) or model.get("preset") is None:
+    if not isinstance(model, dict):
         return raw
-    from jaxllm.models.presets import PRESETS
-    name = model["preset"]
-    if name not in PRESETS:
-        near = difflib.get_close_matches(str(name), list(PRESETS), 1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{here('model.preset')}: unknown preset {name!r}{hint} "
-                          f"(known: {', '.join(PRESETS)})")
-    base = _to_plain(PRESETS[name])
-    base.update({k: v for k, v in model.items()})
+    base: dict = {}
+    name = model.get("preset")
+    if name is not None:
+        from jaxllm.models.presets import PRESETS
+        if name not in PRESETS:
+            near = difflib.get_close_matches(str(name), list(PRESETS), 1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{here('model.preset')}: unknown preset {name!r}{hint} "
+                              f"(known: {', '.join(PRESETS)})")
+        base = _to_plain(PRESETS[name])
+    init = model.get("init_from")
+    if isinstance(init, str) and init.startswith("hf:"):
+        from jaxllm.interop.hf import HFFormatError, load_config
+        try:
+            base.update(_to_plain(load_config(init[3:])))
+        except HFFormatError as e:
+            raise ConfigError(f"{here('model.init_from')}: {e}") from None
+    elif init is not None and not (isinstance(init, str) and init.startswith("run:")):
+        raise ConfigError(f"{here('model.init_from')}: expected 'hf:DIR' or 'run:DIR', got {init!r}")
+    if not base:
+        return raw
+    base.update(model)
     return {**raw, "model": base}
 
 

@@ -18,6 +18,9 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str | None = None  # name this config started from (informational once resolved)
+    # Start training from these weights: "hf:DIR" (a Hugging Face model directory, whose
+    # config.json also supplies the shape) or "run:DIR" (a jaxllm run's latest checkpoint).
+    init_from: str | None = None
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 768

@@ -77,3 +77,24 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_run_params(run_dir: str | Path, step: int | None = None):
+    """(Experiment, params) from a training run directory's latest (or given) checkpoint."""
+    from jaxllm import config as config_lib
+    from jaxllm import sharding
+    from jaxllm.train import step as step_lib
+    from jaxllm.train.optimizer import make_optimizer
+    run_dir = Path(run_dir)
+    if not (run_dir / "resolved.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: no resolved.yaml (not a jaxllm run directory?)")
+    exp = config_lib.load(run_dir / "resolved.yaml")
+    ckpt = Checkpointer(run_dir / "checkpoints", exp.checkpoint)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{run_dir}/checkpoints: no checkpoint")
+    mesh = sharding.make_mesh(exp.mesh)
+    abstract = step_lib.abstract_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh)
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    return exp, state["params"]

@@ -71,7 +71,7 @@ def run(exp: Experiment, *, task=None) -> dict:
         state, data_state = ckpt.restore(latest, abstract)
         train_iter.set_state(data_state)
     else:
-        state = step_lib.init_state(exp, optimizer, mesh)
+        state = step_lib.init_state(exp, optimizer, mesh, initial_params(exp, mesh, abstract))
     if jax.process_index() == 0:
         config_lib.save_resolved(exp, run_dir)
 
@@ -129,6 +129,23 @@ def run(exp: Experiment, *, task=None) -> dict:
     if jax.process_index() == 0 and exp.logging.plot and not stop.requested:
         metrics_lib.plot_runs([run_dir], run_dir / "loss.png")
     return last
+
+
+def initial_params(exp: Experiment, mesh, abstract):
+    """Params named by model.init_from, placed on the mesh; None for a fresh init."""
+    src = exp.model.init_from
+    if src is None:
+        return None
+    if src.startswith("hf:"):
+        from jaxllm.interop import hf
+        _, params = hf.load(src[3:], dtype=exp.model.param_dtype, mesh=mesh, rules=exp.mesh.rules)
+        return params
+    from jaxllm.train.checkpoint import CheckpointError, restore_run_params
+    _, params = restore_run_params(src[4:])
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract["params"])
+    if jax.tree.map(lambda a: (a.shape, a.dtype), params) != want:
+        raise CheckpointError(f"model.init_from={src}: its params do not match this model's shape")
+    return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), params, abstract["params"])
 
 
 def _to_device(batch: dict, exp: Experiment, bsh, where: str) -> dict:
