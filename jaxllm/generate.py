@@ -56,6 +56,9 @@ def _choose(logits, key, temperature, top_k, top_p):
 def _generate(params, tokens, segment_ids, positions, max_lens, key, *, cfg, max_new_tokens,
               temperature, top_k, top_p, stop_tokens, pad_id):
     b, p = tokens.shape
+    # Decoding runs the layer loop once per token: unrolling it avoids the scan's per-iteration
+    # overhead (same params either way).
+    cfg = cfg.replace(scan_layers=False)
     cache = models.init_cache(cfg, b, p + max_new_tokens)
     logits, cache = models.forward(params, tokens, cfg, positions=positions,
                                    segment_ids=segment_ids, cache=cache)

@@ -40,7 +40,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "save_dots", "save_qkv"] = "none"
-    scan_layers: bool = True
+    scan_layers: bool = True  # False: the same stacked params, the layer loop unrolled
     attention_impl: Literal["reference", "flash", "cudnn"] = "reference"
     flash_interpret: bool = False  # run the Pallas kernel in interpret mode (CPU tests)
 

@@ -203,14 +203,14 @@ class Decoder(nn.Module):
                                                         ("vocab", "embed")))
         block = Block
         if cfg.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
-        else:
-            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        # Layers are always stacked on a leading axis (one param tree, HF-mappable); unrolling
+        # the scan trades compile time for speed where the per-iteration overhead shows (CPU).
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")
@@ -223,15 +223,7 @@ class Decoder(nn.Module):
             start = cache["index"]
             cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
             kv, meta = {"k": cache["k"], "v": cache["v"]}, (start, cseg)
-        if self.cfg.scan_layers:
-            x, kv = self.layers(x, positions, segment_ids, kv, meta)
-        else:
-            new = []
-            for i, layer in enumerate(self.layers):
-                x, layer_kv = layer(x, positions, segment_ids,
-                                    None if kv is None else jax.tree.map(lambda c: c[i], kv), meta)
-                new.append(layer_kv)
-            kv = None if kv is None else jax.tree.map(lambda *c: jnp.stack(c), *new)
+        x, kv = self.layers(x, positions, segment_ids, kv, meta)
         if cache is not None:
             cache = {**kv, "segment_ids": meta[1], "index": meta[0] + tokens.shape[1]}
         return self.norm(x), cache
