@@ -20,16 +20,19 @@ def _user_errors():
 
 
 def cmd_train(args) -> None:
-    from jaxllm import config
+    import jax
+    from jaxllm import config, distributed
     from jaxllm.train.loop import run
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     exp = config.load(args.config, args.overrides)
     result = run(exp)
     if result.get("stopped_early"):
         sys.exit(143)
     summary = ", ".join(f"{k}={result[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_sec", "mfu")
                         if k in result)
-    print(f"done: {exp.run_dir} ({summary})")
-    if exp.train.sample_prompts:
+    if jax.process_index() == 0:
+        print(f"done: {exp.run_dir} ({summary})")
+    if exp.train.sample_prompts:  # every process takes part; only process 0 prints
         print_samples(exp, result["state"]["params"], result["tokenizer"])
 
 
@@ -40,6 +43,8 @@ def print_samples(exp, params, tokenizer) -> None:
     out = generate(params, exp.model, prompts, max_new_tokens=exp.train.sample_tokens,
                    temperature=exp.train.sample_temperature, key=jax.random.key(exp.seed),
                    stop_tokens=(tokenizer.eos_id,), top_p=0.95)
+    if jax.process_index() != 0:
+        return
     print("samples:")
     for text, toks, n in zip(exp.train.sample_prompts, out["tokens"], out["lengths"]):
         ids = [int(t) for t in toks[:n] if int(t) != tokenizer.eos_id]
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML experiment config")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    t.add_argument("--coordinator", help="HOST:PORT of process 0, for a multi-process run")
+    t.add_argument("--num-processes", type=int)
+    t.add_argument("--process-id", type=int)
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sweep", help="run a hyperparameter sweep file")

@@ -118,7 +118,7 @@ def test_bad_data_errors(tmp_path):
     (tmp_path / "nofield.jsonl").write_text('{"body": "a"}\n')
     with pytest.raises(DataError, match=r"nofield.jsonl:1: missing text field 'text'"):
         data.read_documents(config.load(None, [f"data.sources=[{tmp_path / 'nofield.jsonl'}]"]).data)
-    with pytest.raises(DataError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         make(tmp_path, batch=64, n=5)
     with pytest.raises(DataError, match=r"here: token id 300 is outside the model vocab \[0, 300\)"):
         data.check_vocab(np.array([[1, 300]]), 300, "here")

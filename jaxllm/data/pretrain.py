@@ -55,7 +55,7 @@ def pack_row(tokens: np.ndarray, owners: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class PackedRows:
-    """Random access to the packed rows of a token stream (a grain-compatible data source)."""
+    """Random access to the packed rows of a token stream."""
 
     def __init__(self, tokens: np.ndarray, owners: np.ndarray, seq_len: int):
         self.tokens, self.owners, self.seq_len = tokens, owners, seq_len
@@ -79,12 +79,11 @@ class PretrainData:
         self.process_index, self.process_count = process_index, process_count
         self.train_rows = self._rows(train_docs)
         self.eval_rows = self._rows(eval_docs)
-        per_process = len(self.train_rows) // process_count
-        if per_process < batch_size:
+        if len(self.train_rows) < batch_size * process_count:
             raise DataError(
                 f"data.sources: the corpus packs into {len(self.train_rows)} training rows of "
-                f"{data_cfg.seq_len} tokens, fewer than one batch of {batch_size} per process "
-                f"({process_count} process(es)); add text or lower train.batch_size/data.seq_len")
+                f"{data_cfg.seq_len} tokens, fewer than one global batch of "
+                f"{batch_size * process_count}; add text or lower train.batch_size/data.seq_len")
 
     @classmethod
     def from_config(cls, data_cfg, *, run_dir: Path | None, batch_size: int, seed: int,
@@ -105,35 +104,39 @@ class PretrainData:
                                       tok.eos_id if tcfg.add_eos else None)
         return PackedRows(tokens, owners, self.cfg.seq_len)
 
-    def _dataset(self, rows: PackedRows, shuffle: bool) -> grain.MapDataset:
-        ds = grain.MapDataset.source(rows)
-        # Each process takes every process_count-th row: disjoint shares of equal size.
-        usable = len(rows) // self.process_count * self.process_count
-        ds = ds[self.process_index:usable:self.process_count]
-        if shuffle:
-            ds = ds.shuffle(seed=self.seed).repeat()
-        return ds.batch(self.batch_size, drop_remainder=True)
-
     def train_iterator(self):
-        """An endless, seeded stream of batches; get_state()/set_state() resume it exactly."""
-        return self._dataset(self.train_rows, shuffle=True).to_iter_dataset().__iter__()
+        """An endless, seeded stream of batches; get_state()/set_state() resume it exactly.
+
+        The global order (a seeded shuffle of all rows, reshuffled each epoch) is cut into
+        global batches, and each process stacks only its own slice of each: the same global
+        batches whatever the number of processes."""
+        local, rows = self.batch_size, self.train_rows
+        start = self.process_index * local
+        order = grain.MapDataset.range(len(rows)).shuffle(seed=self.seed).repeat()
+        batches = order.batch(local * self.process_count, drop_remainder=True)
+        mine = batches.map(lambda idx: _stack([rows[int(i)] for i in idx[start:start + local]]))
+        return mine.to_iter_dataset().__iter__()
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
-        """Up to n batches of this process's held-out rows, the same every call. The last batch
-        is filled with empty rows (loss_mask 0) so that a small eval split is still used."""
+        """Up to n global batches of held-out rows (this process's slice of each), the same every
+        call and the same count on every process; the last is filled with empty rows
+        (loss_mask 0) so that a small eval split is still used."""
         rows, bs = self.eval_rows, self.batch_size
         if len(rows) == 0:
             return []
-        mine = list(range(self.process_index, len(rows), self.process_count))
-        # Every process must run the same number of eval steps (they are collective).
-        count = min(n, -(-(-(-len(rows) // self.process_count)) // bs))
+        glob = bs * self.process_count
+        count = min(n, -(-len(rows) // glob))
         empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
         batches = []
-        for b in range(count):
-            items = [rows[i] for i in mine[b * bs:(b + 1) * bs]]
-            items += [empty] * (bs - len(items))
-            batches.append({k: np.stack([it[k] for it in items]) for k in empty})
+        for b in range(count):  # this process's slice of each global batch, padded at the end
+            first = b * glob + self.process_index * bs
+            items = [rows[i] for i in range(first, min(first + bs, len(rows)))]
+            batches.append(_stack(items + [empty] * (bs - len(items))))
         return batches
+
+
+def _stack(items: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:

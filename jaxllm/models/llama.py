@@ -153,7 +153,12 @@ def _fused_attention(cfg: ModelConfig, q, k, v, segment_ids, scale):
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                             implementation="cudnn")
-    from jaxllm.kernels.flash_attention import flash_attention_sharded
+    try:
+        from jaxllm.kernels.flash_attention import flash_attention_sharded
+    except ImportError:
+        raise NotImplementedError(
+            "model.attention_impl=flash: the Pallas flash-attention kernels are not in this "
+            "build yet; use attention_impl=reference (or cudnn on GPU)") from None
     from jaxllm.sharding import current
     mesh, rules = current()
     return flash_attention_sharded(q, k, v, segment_ids, mesh, rules=rules, causal=True,
