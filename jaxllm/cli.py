@@ -14,9 +14,11 @@ def _user_errors():
     from jaxllm.config import ConfigError
     from jaxllm.data import DataError
     from jaxllm.sharding import MeshError
+    from jaxllm.compile_plan import CompileError
     from jaxllm.interop.hf import HFFormatError
     from jaxllm.train.checkpoint import CheckpointError
-    return (ConfigError, DataError, MeshError, CheckpointError, HFFormatError, FileNotFoundError)
+    return (ConfigError, DataError, MeshError, CheckpointError, HFFormatError, CompileError,
+            FileNotFoundError)
 
 
 def cmd_train(args) -> None:
@@ -135,6 +137,14 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.out} (jaxllm run directory, checkpoint step 0)")
 
 
+def cmd_compile(args) -> None:
+    from jaxllm import compile_plan, config
+    exp = config.load(args.config, args.overrides)
+    for remat in args.remat or [exp.model.remat]:
+        p = compile_plan.plan(compile_plan.with_remat(exp, remat), args.topology, args.num_slices)
+        print(compile_plan.describe(p))
+
+
 def cmd_sample(args) -> None:
     import jax
     from jaxllm import config
@@ -208,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--step", type=int, default=None, help="with --to-hf: this step, not the latest")
     cv.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
     cv.set_defaults(fn=cmd_convert)
+
+    co = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory plan")
+    co.add_argument("config")
+    co.add_argument("overrides", nargs="*")
+    co.add_argument("--topology", required=True, help='e.g. "v5e:4x4", "v5p:4x4x4"')
+    co.add_argument("--num-slices", type=int, default=1)
+    co.add_argument("--remat", action="append", help="compare remat policies (repeatable)")
+    co.set_defaults(fn=cmd_compile)
 
     sa = sub.add_parser("sample", help="sample continuations from a run's latest checkpoint")
     sa.add_argument("run_dir")

@@ -1,0 +1,90 @@
+"""Compile-time memory plans: AOT-compile the real train step for a TPU topology on any host
+with libtpu installed (no TPU needed), and read per-chip memory and FLOPs from XLA.
+
+    jaxllm compile experiments/x.yaml --topology v5p:4x4x4 [--num-slices 2] [overrides]
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import sharding
+from jaxllm.config import Experiment
+
+class CompileError(ValueError):
+    pass
+
+
+# HBM per chip (GiB), matched by the topology's generation prefix.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+
+
+def topology_devices(topology: str, num_slices: int = 1):
+    """The devices of a TPU topology such as "v5e:4x4" or "v5p:4x4x4" (needs libtpu)."""
+    from jax.experimental import topologies
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise CompileError("jaxllm compile needs libtpu: pip install -e '.[tpu]'") from None
+    try:  # TPU VM hosts hold 2x2x1 chips in every generation listed in HBM_GIB
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
+    except Exception as e:  # libtpu's message names what it did not understand
+        raise CompileError(f"--topology {topology!r}: {str(e).splitlines()[0]}") from None
+    return desc.devices
+
+
+def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
+    """Per-chip bytes (arguments, outputs, temporaries, total), HBM, fit, and step FLOPs."""
+    from jaxllm.tasks import get_task
+    from jaxllm.train import step as step_lib
+    from jaxllm.train.optimizer import make_optimizer, schedule
+    devices = topology_devices(topology, num_slices)
+    mesh = sharding.make_mesh(exp.mesh, devices)
+    optimizer = make_optimizer(exp.optimizer, exp.train.steps)
+    abstract = step_lib.abstract_state(exp, optimizer, mesh)
+    bsh = sharding.batch_sharding(mesh, exp.mesh.rules)
+    shape = (exp.train.batch_size, exp.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                      sharding=bsh)
+             for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    loss_fn = get_task(exp.task).loss_fn(exp)
+    train_step = step_lib.make_train_step(exp, loss_fn, optimizer,
+                                          schedule(exp.optimizer, exp.train.steps), mesh, abstract)
+    with sharding.use(mesh, exp.mesh.rules):
+        compiled = train_step.jitted.lower(abstract, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gen = topology.split(":")[0].lower()
+    hbm = HBM_GIB.get(gen, float("nan")) * 1024**3
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+    return {"topology": topology, "num_slices": num_slices, "chips": len(devices),
+            "mesh": sharding.describe(mesh), "remat": exp.model.remat,
+            "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+            "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+            "total": total, "hbm": hbm, "fits": total <= hbm,
+            "flops_per_chip": float(cost.get("flops", float("nan")))}
+
+
+def describe(p: dict) -> str:
+    gib = 1024**3
+    lines = [f"{p['topology']} x{p['num_slices']} slice(s), {p['chips']} chips, mesh {p['mesh']}, "
+             f"remat={p['remat']}",
+             f"per chip: arguments {p['arguments'] / gib:.2f} GiB, outputs {p['outputs'] / gib:.2f} "
+             f"GiB (aliased {p['aliased'] / gib:.2f}), temporaries {p['temporaries'] / gib:.2f} GiB, "
+             f"total {p['total'] / gib:.2f} GiB of {p['hbm'] / gib:.0f} GiB HBM",
+             f"compiled step FLOPs per chip: {p['flops_per_chip']:.4g}"]
+    if p["fits"]:
+        lines.append("fits")
+    else:
+        lines.append("DOES NOT FIT: try model.remat=full (or save_dots), a larger mesh.ici.fsdp, "
+                     "a smaller train.batch_size with train.grad_accum, or more chips")
+    return "\n".join(lines)
+
+
+def with_remat(exp: Experiment, remat: str) -> Experiment:
+    return dataclasses.replace(exp, model=exp.model.replace(remat=remat))
