@@ -53,31 +53,40 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
     loss_fn = get_task(exp.task).loss_fn(exp)
     train_step = step_lib.make_train_step(exp, loss_fn, optimizer,
                                           schedule(exp.optimizer, exp.train.steps), mesh, abstract)
-    with sharding.use(mesh, exp.mesh.rules):
-        compiled = train_step.jitted.lower(abstract, batch).compile()
+    gen = topology.split(":")[0].lower()
+    hbm = HBM_GIB.get(gen, float("nan")) * 1024**3
+    head = {"topology": topology, "num_slices": num_slices, "chips": len(devices),
+            "mesh": sharding.describe(mesh), "remat": exp.model.remat, "hbm": hbm}
+    try:
+        with sharding.use(mesh, exp.mesh.rules):
+            compiled = train_step.jitted.lower(abstract, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # XLA refuses programs that cannot fit; its message carries the size it needed.
+        return {**head, "fits": False, "error": str(e).split("RESOURCE_EXHAUSTED:")[-1].strip()}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    gen = topology.split(":")[0].lower()
-    hbm = HBM_GIB.get(gen, float("nan")) * 1024**3
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
-    return {"topology": topology, "num_slices": num_slices, "chips": len(devices),
-            "mesh": sharding.describe(mesh), "remat": exp.model.remat,
-            "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+    return {**head, "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
             "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
-            "total": total, "hbm": hbm, "fits": total <= hbm,
+            "total": total, "fits": total <= hbm,
             "flops_per_chip": float(cost.get("flops", float("nan")))}
 
 
 def describe(p: dict) -> str:
     gib = 1024**3
     lines = [f"{p['topology']} x{p['num_slices']} slice(s), {p['chips']} chips, mesh {p['mesh']}, "
-             f"remat={p['remat']}",
-             f"per chip: arguments {p['arguments'] / gib:.2f} GiB, outputs {p['outputs'] / gib:.2f} "
-             f"GiB (aliased {p['aliased'] / gib:.2f}), temporaries {p['temporaries'] / gib:.2f} GiB, "
-             f"total {p['total'] / gib:.2f} GiB of {p['hbm'] / gib:.0f} GiB HBM",
-             f"compiled step FLOPs per chip: {p['flops_per_chip']:.4g}"]
+             f"remat={p['remat']}"]
+    if "error" in p:
+        lines.append(f"XLA: {p['error']}")
+    else:
+        lines += [f"per chip: arguments {p['arguments'] / gib:.2f} GiB, outputs {p['outputs'] / gib:.2f} "
+                  f"GiB (aliased {p['aliased'] / gib:.2f}), temporaries {p['temporaries'] / gib:.2f} "
+                  f"GiB, total {p['total'] / gib:.2f} GiB of {p['hbm'] / gib:.0f} GiB HBM",
+                  f"compiled step FLOPs per chip: {p['flops_per_chip']:.4g}"]
     if p["fits"]:
         lines.append("fits")
     else:

@@ -74,8 +74,11 @@ def test_sharded_training_matches_single_device(reference, name):
     np.testing.assert_allclose(losses, ref, rtol=2e-5)
     assert ref[-1] < ref[0]  # it really trained
     q = state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    if name == "fsdp8":  # params really are sharded, not replicated
+    if name == "fsdp8":  # params and their Adam moments really are sharded, not replicated
         assert q.sharding.shard_shape(q.shape) != q.shape
+        moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+                   if "q_proj" in jax.tree_util.keystr(path)]
+        assert moments and all(m.sharding.is_equivalent_to(q.sharding, q.ndim) for m in moments)
 
 
 def test_grad_accumulation_matches_one_big_batch(reference):

@@ -1,84 +1,96 @@
 """Pretraining data: documents -> tokens -> packed rows -> seeded, sharded grain batches.
 
-Packing concatenates documents (each with BOS/EOS) into one stream and cuts it into rows of
-seq_len + 1 tokens that overlap by one, so inputs are row[:-1] and targets row[1:] with no
-padding. Segment ids number the documents inside a row (from 1); positions restart at 0 at
-each document start and at each row start (a document continued from the previous row starts
-a new segment, since it cannot see its earlier part anyway). A target that belongs to another
-document than its input gets loss_mask 0, so nothing is learned across document boundaries."""
+The corpus is tokenized and packed once, in memory (see packing.py for the row layout). The
+train stream is a grain pipeline over row indices: shuffle(seed) -> repeat (reshuffled each
+epoch) -> global batches of indices -> this process's slice, stacked into numpy arrays. So
+the global batches are the same whatever the number of processes, each process reads a
+disjoint share of every one, and the iterator's whole state is one batch counter."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import grain
-import jax
 import numpy as np
 
+from jaxllm.data.packing import PackedRows, token_stream
 from jaxllm.data.sources import DataError, read_documents
 from jaxllm.data.tokenizer import load_tokenizer
 
 
-def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, eval indices): a seeded draw per document, at least one of each."""
-    if n == 1 or eval_fraction <= 0:
+def mix64(values, seed: int) -> np.ndarray:
+    """splitmix64 of each value combined with a seed: well-spread, fixed pseudo-random uint64s."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(values, np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = z + np.uint64(seed % 2**64) + np.uint64(0x632BE59BD9B4E019)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def split_documents(n: int, eval_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) document indices. A document is held out when the seeded hash of its index
+    falls below eval_fraction: membership does not depend on the rest of the corpus, and with
+    at least two documents and eval_fraction > 0 each side gets at least one."""
+    if n < 2 or eval_fraction <= 0:
         return np.arange(n), np.arange(0)
-    is_eval = np.random.default_rng([seed, 1234]).random(n) < eval_fraction
-    if not is_eval.any():
-        is_eval[-1] = True
-    if is_eval.all():
-        is_eval[0] = False
-    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+    u = (mix64(np.arange(n), seed) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    held = u < eval_fraction
+    if not held.any():
+        held[np.argmin(u)] = True
+    if held.all():
+        held[np.argmax(u)] = False
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def token_stream(docs: list[list[int]], bos: int | None, eos: int | None):
-    """Concatenated tokens and, per token, the index of its document (both int32 arrays)."""
-    parts, owners = [], []
-    for i, ids in enumerate(docs):
-        ids = ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
-        parts.append(np.asarray(ids, np.int32))
-        owners.append(np.full(len(ids), i, np.int32))
-    if not parts:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32)
-    return np.concatenate(parts), np.concatenate(owners)
+def encode_all(tokenizer, texts: list[str]) -> list:
+    if hasattr(tokenizer, "encode_batch"):
+        return tokenizer.encode_batch(texts)
+    if hasattr(tokenizer, "encode_array"):
+        return [tokenizer.encode_array(t) for t in texts]
+    return [tokenizer.encode(t) for t in texts]
 
 
-def pack_row(tokens: np.ndarray, owners: np.ndarray) -> dict[str, np.ndarray]:
-    """One row of seq_len + 1 stream tokens -> the model inputs for seq_len positions."""
-    inp, tgt = tokens[:-1], tokens[1:]
-    own = owners[:-1]
-    starts = np.concatenate([[True], own[1:] != own[:-1]])
-    seg = np.cumsum(starts).astype(np.int32)
-    idx = np.arange(len(inp))
-    positions = (idx - np.maximum.accumulate(np.where(starts, idx, 0))).astype(np.int32)
-    return {"tokens": inp, "targets": tgt, "segment_ids": seg, "positions": positions,
-            "loss_mask": (owners[1:] == own).astype(np.float32)}
+class ResumableIterator(grain.DatasetIterator):
+    """A grain iterator whose state also records what it iterates over, so that resuming on a
+    different corpus, seq_len, global batch size or seed is an error instead of silently
+    different batches."""
 
+    def __init__(self, inner: grain.DatasetIterator, fingerprint: dict):
+        super().__init__(inner)
+        self.fingerprint = fingerprint
 
-class PackedRows:
-    """Random access to the packed rows of a token stream."""
+    def __next__(self):
+        return next(self._parent)
 
-    def __init__(self, tokens: np.ndarray, owners: np.ndarray, seq_len: int):
-        self.tokens, self.owners, self.seq_len = tokens, owners, seq_len
-        self.n = max(0, (len(tokens) - 1) // seq_len)
+    def get_state(self) -> dict:
+        return {**self._parent.get_state(), **self.fingerprint}
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        s = int(i) * self.seq_len
-        return pack_row(self.tokens[s:s + self.seq_len + 1], self.owners[s:s + self.seq_len + 1])
+    def set_state(self, state: dict) -> None:
+        if not state:  # a checkpoint without data state (e.g. imported weights): start over
+            return
+        for key, want in self.fingerprint.items():
+            if key in state and state[key] != want:
+                raise DataError(f"data iterator state: the checkpoint's {key} is {state[key]}, "
+                                f"this run's is {want} (data, data.seq_len, train.batch_size or "
+                                f"seed changed since the checkpoint)")
+        self._parent.set_state({k: v for k, v in state.items() if k not in self.fingerprint})
 
 
 class PretrainData:
-    """Train and eval batches (host-local numpy dicts of [batch_size, seq_len] arrays)."""
+    """Train and eval batches: dicts of host-local numpy [batch_size, seq_len] arrays with
+    keys tokens, targets, segment_ids, positions (int32) and loss_mask (float32)."""
 
-    def __init__(self, data_cfg, tokenizer, train_docs: list[str], eval_docs: list[str], *,
-                 batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+    def __init__(self, data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, documents: list[str] | None = None, split_seed: int = 0):
         self.cfg, self.tokenizer = data_cfg, tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
-        self.train_rows = self._rows(train_docs)
-        self.eval_rows = self._rows(eval_docs)
+        docs = read_documents(data_cfg) if documents is None else documents
+        # The split ignores the training seed: runs of a seed sweep are scored on the same text.
+        train_idx, eval_idx = split_documents(len(docs), data_cfg.eval_fraction, split_seed)
+        self.num_docs = (len(train_idx), len(eval_idx))
+        self.train_rows = self._pack([docs[i] for i in train_idx])
+        self.eval_rows = self._pack([docs[i] for i in eval_idx])
         if len(self.train_rows) < batch_size * process_count:
             raise DataError(
                 f"data.sources: the corpus packs into {len(self.train_rows)} training rows of "
@@ -88,67 +100,59 @@ class PretrainData:
     @classmethod
     def from_config(cls, data_cfg, *, run_dir: Path | None, batch_size: int, seed: int,
                     process_index: int = 0, process_count: int = 1) -> "PretrainData":
+        """Read the sources, load (or train, on the train split only) the tokenizer, pack."""
         docs = read_documents(data_cfg)
-        train_idx, eval_idx = split_documents(len(docs), data_cfg.eval_fraction, seed)
-        train_docs = [docs[i] for i in train_idx]
-        tokenizer = load_tokenizer(data_cfg.tokenizer, run_dir, lambda: train_docs)
-        return cls(data_cfg, tokenizer, train_docs, [docs[i] for i in eval_idx],
-                   batch_size=batch_size, seed=seed, process_index=process_index,
-                   process_count=process_count)
+        train_idx, _ = split_documents(len(docs), data_cfg.eval_fraction)
+        tokenizer = load_tokenizer(data_cfg.tokenizer, run_dir, lambda: [docs[i] for i in train_idx])
+        return cls(data_cfg, tokenizer, batch_size=batch_size, seed=seed, documents=docs,
+                   process_index=process_index, process_count=process_count)
 
-    def _rows(self, docs: list[str]) -> PackedRows:
+    def _pack(self, docs: list[str]) -> PackedRows:
         tok, tcfg = self.tokenizer, self.cfg.tokenizer
-        encode = getattr(tok, "encode_batch", None)
-        ids = encode(docs) if encode else [tok.encode(d) for d in docs]
-        tokens, owners = token_stream(ids, tok.bos_id if tcfg.add_bos else None,
+        for flag, name, tid in (("add_bos", "BOS", tok.bos_id), ("add_eos", "EOS", tok.eos_id)):
+            if getattr(tcfg, flag) and (tid is None or tid < 0):
+                raise DataError(f"data.tokenizer.{flag}: the tokenizer has no {name} token; "
+                                f"set it to false")
+        tokens, owners = token_stream(encode_all(tok, docs), tok.bos_id if tcfg.add_bos else None,
                                       tok.eos_id if tcfg.add_eos else None)
-        return PackedRows(tokens, owners, self.cfg.seq_len)
+        return PackedRows(tokens, owners, self.cfg.seq_len, tok.pad_id)
 
-    def train_iterator(self):
-        """An endless, seeded stream of batches; get_state()/set_state() resume it exactly.
+    @property
+    def summary(self) -> str:
+        rows, ev = len(self.train_rows), len(self.eval_rows)
+        return (f"{self.num_docs[0]} train / {self.num_docs[1]} eval documents, {rows} / {ev} "
+                f"rows of {self.cfg.seq_len} tokens")
 
-        The global order (a seeded shuffle of all rows, reshuffled each epoch) is cut into
-        global batches, and each process stacks only its own slice of each: the same global
-        batches whatever the number of processes."""
-        local, rows = self.batch_size, self.train_rows
-        start = self.process_index * local
-        order = grain.MapDataset.range(len(rows)).shuffle(seed=self.seed).repeat()
-        batches = order.batch(local * self.process_count, drop_remainder=True)
-        mine = batches.map(lambda idx: _stack([rows[int(i)] for i in idx[start:start + local]]))
-        return mine.to_iter_dataset().__iter__()
+    def train_iterator(self) -> ResumableIterator:
+        """An endless, seeded stream of batches; get_state()/set_state() resume it exactly."""
+        local, glob = self.batch_size, self.batch_size * self.process_count
+        first, rows = self.process_index * local, self.train_rows
+        # Hash the seed: grain reshuffles epoch e with seed + e, so raw seeds s and s + 1 would
+        # share all but one epoch's order.
+        shuffle_seed = int(mix64(self.seed, 1) % np.uint64(2**32))
+        batches = (grain.MapDataset.range(len(rows)).shuffle(seed=shuffle_seed).repeat()
+                   .batch(glob).map(lambda idx: rows.batch(idx[first:first + local])))
+        # num_workers threads prepare batches ahead; 0 prepares each in the calling thread.
+        workers = self.cfg.num_workers
+        it = batches.to_iter_dataset(grain.ReadOptions(num_threads=workers,
+                                                       prefetch_buffer_size=2 * workers))
+        return ResumableIterator(iter(it), {"train_rows": len(rows), "global_batch": glob,
+                                            "seq_len": self.cfg.seq_len, "seed": self.seed})
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
-        """Up to n global batches of held-out rows (this process's slice of each), the same every
-        call and the same count on every process; the last is filled with empty rows
-        (loss_mask 0) so that a small eval split is still used."""
-        rows, bs = self.eval_rows, self.batch_size
-        if len(rows) == 0:
-            return []
-        glob = bs * self.process_count
+        """Up to n global batches of held-out rows in a fixed order (this process's slice of
+        each), the same count on every process; the last is filled with padding rows
+        (loss_mask 0) so that a small eval split is still used whole."""
+        rows, local = self.eval_rows, self.batch_size
+        glob = local * self.process_count
         count = min(n, -(-len(rows) // glob))
-        empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
         batches = []
-        for b in range(count):  # this process's slice of each global batch, padded at the end
-            first = b * glob + self.process_index * bs
-            items = [rows[i] for i in range(first, min(first + bs, len(rows)))]
-            batches.append(_stack(items + [empty] * (bs - len(items))))
+        for b in range(count):
+            first = b * glob + self.process_index * local
+            idx = np.arange(first, min(first + local, len(rows)))
+            batch = rows.batch(idx)
+            if len(idx) < local:
+                fill = rows.empty(local - len(idx))
+                batch = {k: np.concatenate([batch[k], fill[k]]) for k in batch}
+            batches.append(batch)
         return batches
-
-
-def _stack(items: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.stack([it[k] for it in items]) for k in items[0]}
-
-
-def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
-    """Refuse token ids outside [0, vocab_size) before they reach an embedding lookup (which
-    would silently clamp them)."""
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise DataError(f"{where}: token id {bad} is outside the model vocab [0, {vocab_size}) "
-                        f"(model.vocab_size too small for the tokenizer?)")
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict:
-    """Host-local batch rows -> global jax.Arrays laid out by `sharding` across all processes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

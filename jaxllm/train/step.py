@@ -26,11 +26,12 @@ def abstract_state(exp: Experiment, optimizer, mesh):
     p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), p_abs, p_sh)
     opt_abs = jax.eval_shape(optimizer.init, p_abs)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = jax.jit(optimizer.init).lower(p_abs).compile().output_shardings
-
-    def on_mesh(s):  # constants (e.g. Adam's count) come back on one device: replicate them
-        return s if s.device_set == rep.device_set else rep
-    opt_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
+    # Optimizer moments are laid out like their params (ZeRO: sharded with them); scalars such
+    # as Adam's count are replicated.
+    opt_sh = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, s: s, opt_abs, p_sh, transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    opt_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            opt_abs, opt_sh)
     return {"params": p_abs, "opt_state": opt_abs,
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
