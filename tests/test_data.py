@@ -140,7 +140,8 @@ def test_eval_split_is_seeded_disjoint_and_stable():
 def test_eval_batches_hold_only_held_out_documents(tmp_path):
     docs = corpus(60)
     d = PretrainData(cfg_for(tmp_path, docs, eval_fraction=0.2), BYTE, batch_size=4, seed=0)
-    _, held = data.split_documents(len(docs), 0.2)
+    train, held = data.split_documents(len(docs), 0.2)
+    assert data.train_split(d.cfg) == [docs[i] for i in train]  # what a tokenizer trains on
     evals = d.eval_batches(100)
     assert len(evals) == -(-len(d.eval_rows) // 4)
     stream = np.concatenate([s[2] for b in evals for s in segments(b)])

@@ -30,7 +30,8 @@ def mix64(values, seed: int) -> np.ndarray:
 def split_documents(n: int, eval_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) document indices. A document is held out when the seeded hash of its index
     falls below eval_fraction: membership does not depend on the rest of the corpus, and with
-    at least two documents and eval_fraction > 0 each side gets at least one."""
+    at least two documents and eval_fraction > 0 each side gets at least one. The pipeline uses
+    seed 0 whatever the training seed, so all runs of a seed sweep are scored on the same text."""
     if n < 2 or eval_fraction <= 0:
         return np.arange(n), np.arange(0)
     u = (mix64(np.arange(n), seed) >> np.uint64(11)).astype(np.float64) / 2.0**53
@@ -40,6 +41,12 @@ def split_documents(n: int, eval_fraction: float, seed: int = 0) -> tuple[np.nda
     if held.all():
         held[np.argmax(u)] = False
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def train_split(data_cfg, documents: list[str] | None = None) -> list[str]:
+    """The documents that are not held out for eval (what a tokenizer should be trained on)."""
+    docs = read_documents(data_cfg) if documents is None else documents
+    return [docs[i] for i in split_documents(len(docs), data_cfg.eval_fraction)[0]]
 
 
 def encode_all(tokenizer, texts: list[str]) -> list:
@@ -81,13 +88,12 @@ class PretrainData:
     keys tokens, targets, segment_ids, positions (int32) and loss_mask (float32)."""
 
     def __init__(self, data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, documents: list[str] | None = None, split_seed: int = 0):
+                 process_count: int = 1, documents: list[str] | None = None):
         self.cfg, self.tokenizer = data_cfg, tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
         docs = read_documents(data_cfg) if documents is None else documents
-        # The split ignores the training seed: runs of a seed sweep are scored on the same text.
-        train_idx, eval_idx = split_documents(len(docs), data_cfg.eval_fraction, split_seed)
+        train_idx, eval_idx = split_documents(len(docs), data_cfg.eval_fraction)
         self.num_docs = (len(train_idx), len(eval_idx))
         self.train_rows = self._pack([docs[i] for i in train_idx])
         self.eval_rows = self._pack([docs[i] for i in eval_idx])
@@ -102,8 +108,7 @@ class PretrainData:
                     process_index: int = 0, process_count: int = 1) -> "PretrainData":
         """Read the sources, load (or train, on the train split only) the tokenizer, pack."""
         docs = read_documents(data_cfg)
-        train_idx, _ = split_documents(len(docs), data_cfg.eval_fraction)
-        tokenizer = load_tokenizer(data_cfg.tokenizer, run_dir, lambda: [docs[i] for i in train_idx])
+        tokenizer = load_tokenizer(data_cfg.tokenizer, run_dir, lambda: train_split(data_cfg, docs))
         return cls(data_cfg, tokenizer, batch_size=batch_size, seed=seed, documents=docs,
                    process_index=process_index, process_count=process_count)
 
