@@ -100,7 +100,8 @@ def run(exp: Experiment, *, task=None) -> dict:
                 t_mark, steps_since = time.perf_counter(), 0
             else:
                 steps_since += 1
-            final = done == exp.train.steps or stop.requested
+            stopping = stop.requested  # read once: a signal arriving later waits a step
+            final = done == exp.train.steps or stopping
             if done % exp.logging.every_steps == 0 or final:
                 m = jax.device_get(m)
                 now = time.perf_counter()
@@ -117,7 +118,7 @@ def run(exp: Experiment, *, task=None) -> dict:
             logger.advance(done)
             if ckpt is not None and (done % exp.checkpoint.every_steps == 0 or final):
                 ckpt.save(done, state, train_iter.get_state(), force=True)
-            if stop.requested:
+            if stopping:
                 logger.write(f"SIGTERM: saved a checkpoint at step {done}, exiting")
                 break
     if ckpt is not None:
