@@ -145,24 +145,19 @@ class Attention(nn.Module):
 
 
 def _fused_attention(cfg: ModelConfig, q, k, v, segment_ids, scale):
-    if cfg.sliding_window is not None:
-        raise NotImplementedError(
-            f"model.attention_impl={cfg.attention_impl!r} does not support sliding_window yet; "
-            "use attention_impl=reference")
     if cfg.attention_impl == "cudnn":
+        if cfg.sliding_window is not None:
+            raise NotImplementedError("model.attention_impl='cudnn' does not support "
+                                      "sliding_window; use attention_impl=flash or reference")
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                             implementation="cudnn")
-    try:
-        from jaxllm.kernels.flash_attention import flash_attention_sharded
-    except ImportError:
-        raise NotImplementedError(
-            "model.attention_impl=flash: the Pallas flash-attention kernels are not in this "
-            "build yet; use attention_impl=reference (or cudnn on GPU)") from None
+    from jaxllm.kernels import flash_attention_sharded
     from jaxllm.sharding import current
     mesh, rules = current()
     return flash_attention_sharded(q, k, v, segment_ids, mesh, rules=rules, causal=True,
-                                   sm_scale=scale, interpret=cfg.flash_interpret or None)
+                                   sm_scale=scale, sliding_window=cfg.sliding_window,
+                                   interpret=cfg.flash_interpret or None)
 
 
 class MLP(nn.Module):
