@@ -59,7 +59,7 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
             "mesh": sharding.describe(mesh), "remat": exp.model.remat, "hbm": hbm}
     try:
         with sharding.use(mesh, exp.mesh.rules):
-            compiled = train_step.jitted.lower(abstract, batch).compile()
+            compiled = train_step.jitted.lower(abstract, batch, None).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

@@ -74,6 +74,21 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class FieldNames:
+    """Row field names, remappable per dataset (e.g. chosen: selected)."""
+    prompt: str = "prompt"
+    completion: str = "completion"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    response: str = "response"
+    score: str = "score"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     # Each source: "builtin:pydoc" (the text of Python's pydoc_data.topics), a .txt file (one
     # document per file, or per blank-line-separated paragraph block with split_paragraphs), or a
@@ -84,7 +99,15 @@ class DataConfig:
     eval_fraction: float = 0.05  # documents held out for eval (chosen by a seeded hash)
     tokenizer: TokenizerConfig = TokenizerConfig()
     seq_len: int = 256
-    num_workers: int = 0
+    num_workers: int = 0  # grain threads preparing batches ahead (0: in the training thread)
+    # Post-training formats (JSONL; see jaxllm/data/examples.py): "instruct" rows are alpaca
+    # {instruction, input, output}, chat {messages}, or {prompt, completion}; "preference" rows
+    # {prompt, chosen, rejected}; "scored" rows {prompt, response, score}.
+    format: Literal["text", "instruct", "preference", "scored"] = "text"
+    fields: FieldNames = FieldNames()
+    weights: tuple[float, ...] = ()  # sampling weight per source (a mixture); () = equal
+    skip_malformed: bool = False  # count and skip bad rows instead of stopping at the first
+    pack: bool = True  # instruct: several examples per row (segment ids keep them apart)
 
 
 @dataclass(frozen=True)
@@ -132,11 +155,45 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the named projections; rank 0 trains all weights instead."""
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+    rslora: bool = False  # scale alpha/sqrt(rank) instead of alpha/rank
+    base_dtype: Literal["param", "bfloat16", "int8"] = "param"  # int8: per-channel QLoRA-style
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid only: robust DPO with noisy preference labels
+    reference_free: bool = False  # the reference log-probs are taken as 0
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    loss: Literal["pairwise", "regression"] = "pairwise"
+    margin: float = 0.0
+    center_coef: float = 0.0  # + c * mean((r_chosen + r_rejected)^2) keeps rewards centred
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str | None = None  # hf:DIR or run:DIR with the same tokenizer
+    kl: Literal["forward", "reverse"] = "forward"
+    temperature: float = 1.0
+    sft_weight: float = 0.0  # mix in next-token cross-entropy on the data
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str = "run"
     run_dir: str = "runs/run"
     seed: int = 0
-    task: Literal["pretrain"] = "pretrain"
+    task: Literal["pretrain", "sft", "dpo", "reward", "distill"] = "pretrain"
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
@@ -144,6 +201,10 @@ class Experiment:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    lora: LoraConfig = LoraConfig()
+    dpo: DPOConfig = DPOConfig()
+    reward: RewardConfig = RewardConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 # ----------------------------------------------------------------------------- YAML with lines

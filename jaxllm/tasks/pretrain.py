@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import models
+from jaxllm.tasks.base import Task, model_params
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -20,7 +21,7 @@ def token_cross_entropy(logits, targets):
     return lse - target_logit, lse
 
 
-def loss(params, batch, cfg: models.ModelConfig, *, z_loss: float = 0.0, frozen=None):
+def loss(params, batch, cfg: models.ModelConfig, *, z_loss: float = 0.0):
     """Mean cross-entropy over the tokens with loss_mask; metrics carry the token count."""
     logits, _ = models.forward(params, batch["tokens"], cfg, positions=batch["positions"],
                                segment_ids=batch["segment_ids"])
@@ -32,8 +33,8 @@ def loss(params, batch, cfg: models.ModelConfig, *, z_loss: float = 0.0, frozen=
     return total, {"ce_loss": ce, "weight": mask.sum()}
 
 
-class PretrainTask:
-    """Packed next-token prediction over a text corpus."""
+class PretrainTask(Task):
+    """Packed next-token prediction over a text corpus (all weights, or LoRA adapters)."""
 
     def make_data(self, exp, run_dir, local_batch: int):
         from jaxllm import data
@@ -43,4 +44,5 @@ class PretrainTask:
 
     def loss_fn(self, exp):
         cfg, z = exp.model, exp.train.z_loss
-        return lambda params, batch: loss(params, batch, cfg, z_loss=z)
+        return lambda params, batch, frozen: loss(model_params(exp, params, frozen), batch, cfg,
+                                                  z_loss=z)

@@ -64,20 +64,25 @@ def run(exp: Experiment, *, task=None) -> dict:
 
     optimizer = make_optimizer(exp.optimizer, exp.train.steps)
     lr_schedule = schedule(exp.optimizer, exp.train.steps)
-    abstract = step_lib.abstract_state(exp, optimizer, mesh)
+    spec = task.param_spec(exp)
+    abstract = step_lib.abstract_state(exp, optimizer, mesh, spec)
     train_iter = data.train_iterator()
     latest = ckpt.latest_step() if ckpt is not None and exp.train.resume else None
+    base, frozen = base_and_frozen(exp, task, mesh, need_base=latest is None)
     if latest is not None:
         state, data_state = ckpt.restore(latest, abstract)
         train_iter.set_state(data_state)
     else:
-        state = step_lib.init_state(exp, optimizer, mesh, initial_params(exp, mesh, abstract))
+        state = step_lib.init_state(exp, optimizer, mesh, base, spec=spec,
+                                    make_params=lambda key, b: task.init_params(exp, key, b))
+    del base  # what the state does not hold may be freed now
     if jax.process_index() == 0:
         config_lib.save_resolved(exp, run_dir)
 
     loss_fn = task.loss_fn(exp)
-    train_step = step_lib.make_train_step(exp, loss_fn, optimizer, lr_schedule, mesh, abstract)
-    eval_step = step_lib.make_eval_step(exp, loss_fn, mesh, abstract)
+    train_step = step_lib.make_train_step(exp, loss_fn, optimizer, lr_schedule, mesh, abstract,
+                                          frozen)
+    eval_step = step_lib.make_eval_step(exp, loss_fn, mesh, abstract, frozen)
     eval_batches = data.eval_batches(exp.train.eval_batches)
     bsh = sharding.batch_sharding(mesh, exp.mesh.rules)
 
@@ -130,6 +135,24 @@ def run(exp: Experiment, *, task=None) -> dict:
     if jax.process_index() == 0 and exp.logging.plot and not stop.requested:
         metrics_lib.plot_runs([run_dir], run_dir / "loss.png")
     return last
+
+
+def base_and_frozen(exp: Experiment, task, mesh, need_base: bool):
+    """The base model's params (model.init_from, or a fresh seeded init) when a fresh state or
+    a frozen tree needs them, and the task's frozen trees built from them."""
+    model_abs = step_lib.with_shardings(*step_lib.model_spec(exp), mesh, exp.mesh.rules)
+    has_frozen = jax.eval_shape(lambda b: task.frozen(exp, b), model_abs) is not None
+    if not (need_base or has_frozen):
+        return None, None
+    base = initial_params(exp, mesh, {"params": model_abs})
+    if base is None and (has_frozen or not _trains_model_only(exp, task)):
+        base = models.init_sharded(exp.model, step_lib.base_key(exp), mesh, exp.mesh.rules)
+    return base, (task.frozen(exp, base) if has_frozen else None)
+
+
+def _trains_model_only(exp, task) -> bool:
+    """True when the trained params are exactly the model's (init_state can init them)."""
+    return not exp.lora.rank and not task.extra_params(exp)
 
 
 def initial_params(exp: Experiment, mesh, abstract):

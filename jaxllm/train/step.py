@@ -15,15 +15,28 @@ import optax
 from jaxllm import models, sharding
 from jaxllm.config import Experiment
 
-LossFn = Callable  # (params, batch) -> (loss, metrics with "weight")
+LossFn = Callable  # (params, batch, frozen) -> (loss, metrics with "weight")
 
 
-def abstract_state(exp: Experiment, optimizer, mesh):
-    """ShapeDtypeStructs with NamedShardings for the whole train state (no allocation)."""
+def model_spec(exp: Experiment):
+    """(abstract params, logical axes) of the model itself: what pretraining trains."""
+    return models.abstract_params(exp.model), models.logical_axes(exp.model)
+
+
+def with_shardings(abstract_tree, logical_tree, mesh, rules):
+    sh = sharding.tree_shardings(logical_tree, abstract_tree, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_tree, sh)
+
+
+def abstract_state(exp: Experiment, optimizer, mesh, spec=None):
+    """ShapeDtypeStructs with NamedShardings for the whole train state (no allocation).
+
+    spec: (abstract params, logical axes) of what is trained; the model's by default (a task
+    training adapters or an extra head gives its own)."""
     rules = exp.mesh.rules
-    p_abs = models.abstract_params(exp.model)
-    p_sh = sharding.tree_shardings(models.logical_axes(exp.model), p_abs, mesh, rules)
-    p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), p_abs, p_sh)
+    p_abs = with_shardings(*(spec or model_spec(exp)), mesh, rules)
+    p_sh = shardings_of(p_abs)
     opt_abs = jax.eval_shape(optimizer.init, p_abs)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Optimizer moments are laid out like their params (ZeRO: sharded with them); scalars such
@@ -42,19 +55,28 @@ def shardings_of(abstract):
     return jax.tree.map(lambda a: a.sharding, abstract)
 
 
-def init_state(exp: Experiment, optimizer, mesh, params=None):
-    """A fresh state created directly in its shards (params from `params` when given)."""
-    abstract = abstract_state(exp, optimizer, mesh)
+def init_state(exp: Experiment, optimizer, mesh, base=None, *, spec=None, make_params=None):
+    """A fresh state created directly in its shards. Params are make_params(key, base) (a
+    task's adapters or heads over the base model) or, by default, `base` itself or a fresh
+    model init."""
+    abstract = abstract_state(exp, optimizer, mesh, spec)
     key = jax.random.key(exp.seed)
     init_key, rng = jax.random.split(key)
 
-    def make(init_key, rng, params):
-        if params is None:
-            params = models.init(exp.model, init_key)
+    def default(key, base):
+        return models.init(exp.model, key) if base is None else base
+
+    def make(init_key, rng, base):
+        params = (make_params or default)(init_key, base)
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng)}
     with sharding.use(mesh, exp.mesh.rules):
-        return jax.jit(make, out_shardings=shardings_of(abstract))(init_key, rng, params)
+        return jax.jit(make, out_shardings=shardings_of(abstract))(init_key, rng, base)
+
+
+def base_key(exp: Experiment):
+    """The key a fresh model init uses (the same one init_state's default uses)."""
+    return jax.random.split(jax.random.key(exp.seed))[0]
 
 
 def _split_micro(batch, n):
@@ -63,33 +85,37 @@ def _split_micro(batch, n):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(exp: Experiment, loss_fn: LossFn, optimizer, lr_schedule, mesh, abstract):
+def make_train_step(exp: Experiment, loss_fn: LossFn, optimizer, lr_schedule, mesh, abstract,
+                    frozen=None):
+    """step(state, batch) -> (state, metrics). `frozen` (e.g. a LoRA base, a DPO reference, a
+    teacher) is passed to loss_fn(params, batch, frozen) as a jit argument, never trained."""
     accum = exp.train.grad_accum
 
-    def weighted(params, batch):
-        loss, metrics = loss_fn(params, batch)
+    def weighted(params, batch, frozen):
+        loss, metrics = loss_fn(params, batch, frozen)
         w = jax.lax.stop_gradient(metrics["weight"])
         return loss * w, metrics
 
     grad_fn = jax.value_and_grad(weighted, has_aux=True)
 
-    def step(state, batch):
+    def step(state, batch, frozen):
         params = state["params"]
         if accum == 1:
-            (lw, metrics), grads = grad_fn(params, batch)
+            (lw, metrics), grads = grad_fn(params, batch, frozen)
             w = metrics.pop("weight")
         else:
             # Sum loss x weight and its gradient over micro-batches, divide once at the end, so
             # the result equals one big batch whatever the token count of each micro-batch.
             def body(carry, mb):
-                (lw, m), g = grad_fn(params, mb)
+                (lw, m), g = grad_fn(params, mb, frozen)
                 g_acc, lw_acc, m_acc = carry
                 mw = m.pop("weight")
                 m_acc = {k: m_acc.get(k, 0.0) + v * mw for k, v in m.items()} | {
                     "weight": m_acc["weight"] + mw}
                 return (jax.tree.map(jnp.add, g_acc, g), lw_acc + lw, m_acc), None
             micro = _split_micro(batch, accum)
-            m_shape = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro))[1])
+            m_shape = jax.eval_shape(
+                lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), frozen)[1])
             m0 = {k: jnp.zeros((), jnp.float32) for k in m_shape}
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, lw, msum), _ = jax.lax.scan(body, (zeros, jnp.float32(0), m0), micro)
@@ -106,24 +132,30 @@ def make_train_step(exp: Experiment, loss_fn: LossFn, optimizer, lr_schedule, me
 
     sh = shardings_of(abstract)
     bsh = sharding.batch_sharding(mesh, exp.mesh.rules)
-    jitted = jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, None), donate_argnums=0)
-    return _under_mesh(jitted, mesh, exp)
+    jitted = jax.jit(step, in_shardings=(sh, bsh, _shardings_of_arrays(frozen)),
+                     out_shardings=(sh, None), donate_argnums=0)
+    return _under_mesh(jitted, mesh, exp, frozen)
 
 
-def make_eval_step(exp: Experiment, loss_fn: LossFn, mesh, abstract):
+def make_eval_step(exp: Experiment, loss_fn: LossFn, mesh, abstract, frozen=None):
     """(params, batch) -> (sum of loss x weight, weight), to be summed over eval batches."""
-    def step(params, batch):
-        loss, metrics = loss_fn(params, batch)
+    def step(params, batch, frozen):
+        loss, metrics = loss_fn(params, batch, frozen)
         return loss * metrics["weight"], metrics["weight"]
     bsh = sharding.batch_sharding(mesh, exp.mesh.rules)
-    jitted = jax.jit(step, in_shardings=(shardings_of(abstract)["params"], bsh))
-    return _under_mesh(jitted, mesh, exp)
+    jitted = jax.jit(step, in_shardings=(shardings_of(abstract)["params"], bsh,
+                                         _shardings_of_arrays(frozen)))
+    return _under_mesh(jitted, mesh, exp, frozen)
 
 
-def _under_mesh(fn, mesh, exp):
+def _shardings_of_arrays(tree):
+    return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _under_mesh(fn, mesh, exp, frozen=None):
     @functools.wraps(fn)
     def call(*args):
         with sharding.use(mesh, exp.mesh.rules):
-            return fn(*args)
+            return fn(*args, frozen)
     call.jitted = fn
     return call

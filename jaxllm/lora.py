@@ -1,0 +1,156 @@
+"""LoRA as a transform over the params pytree, and a QLoRA-style int8 base.
+
+Adapters mirror the params tree: for every targeted projection (by module name, e.g. q_proj)
+there is {"a": [..., in, r], "b": [..., r, out]}, stacked over layers like the kernel they
+adapt. `apply` returns params whose targeted kernels are W + scale * A @ B, so every model
+function works unchanged; A is random and B zero, so step 0 equals the base model. The base is
+frozen: only the adapters reach the optimizer."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import LoraConfig
+
+ADAPTABLE = ("kernel", "embedding")
+
+
+def scale(lcfg: LoraConfig) -> float:
+    return lcfg.alpha / (math.sqrt(lcfg.rank) if lcfg.rslora else lcfg.rank)
+
+
+def _targets(tree, lcfg: LoraConfig):
+    """{path tuple: leaf} of the adaptable leaves whose module name is targeted."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_quantized)[0]:
+        keys = tuple(p.key for p in path)
+        if _is_quantized(leaf):
+            keys = keys + ("kernel",)
+        if keys[-1] in ADAPTABLE and len(keys) >= 2 and keys[-2] in lcfg.targets:
+            out[keys[:-1]] = leaf
+    return out
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for keys, value in flat.items():
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
+def _flat(tree: dict, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and not ({"a", "b"} == set(v)):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _shape(leaf):
+    return leaf["int8"].shape if _is_quantized(leaf) else leaf.shape
+
+
+def abstract(abstract_params, lcfg: LoraConfig, dtype=jnp.float32) -> dict:
+    """ShapeDtypeStructs of the adapters for a params tree (or its abstract version)."""
+    flat = {}
+    for keys, leaf in _targets(abstract_params, lcfg).items():
+        *lead, n_in, n_out = _shape(leaf)
+        flat[keys] = {"a": jax.ShapeDtypeStruct((*lead, n_in, lcfg.rank), dtype),
+                      "b": jax.ShapeDtypeStruct((*lead, lcfg.rank, n_out), dtype)}
+    if not flat:
+        raise ValueError(f"lora.targets={list(lcfg.targets)}: no such projection in the model")
+    return _nested(flat)
+
+
+def logical_axes(model_logical, lcfg: LoraConfig) -> dict:
+    """Adapters shard like the kernels they adapt: A along its input, B along its output."""
+    flat = {}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        model_logical, is_leaf=lambda x: isinstance(x, tuple))[0]
+    for path, names in leaves:
+        keys = tuple(p.key for p in path)
+        if keys[-1] in ADAPTABLE and len(keys) >= 2 and keys[-2] in lcfg.targets:
+            *lead, n_in, n_out = names
+            flat[keys[:-1]] = {"a": (*lead, n_in, None), "b": (*lead, None, n_out)}
+    return _nested(flat)
+
+
+def init(abstract_adapters, key) -> dict:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's default bound), B = 0."""
+    flat = _flat(abstract_adapters)
+    keys = jax.random.split(key, len(flat))
+    out = {}
+    for k, (path, ab) in zip(keys, sorted(flat.items())):
+        bound = 1.0 / math.sqrt(ab["a"].shape[-2])
+        out[path] = {"a": jax.random.uniform(k, ab["a"].shape, ab["a"].dtype, -bound, bound),
+                     "b": jnp.zeros(ab["b"].shape, ab["b"].dtype)}
+    return _nested(out)
+
+
+def delta(adapter, s: float):
+    return s * jnp.einsum("...ir,...ro->...io", adapter["a"].astype(jnp.float32),
+                          adapter["b"].astype(jnp.float32))
+
+
+def apply(base, adapters, lcfg: LoraConfig, sign: float = 1.0):
+    """Params with W + sign * scale * A @ B on every adapted kernel (int8 bases dequantised)."""
+    s = sign * scale(lcfg)
+    flat_adapters = _flat(adapters)
+
+    def visit(path, leaf):
+        keys = tuple(p.key for p in path)
+        w = dequantize(leaf) if _is_quantized(leaf) else leaf
+        if _is_quantized(leaf):
+            keys = keys + ("kernel",)
+        ad = flat_adapters.get(keys[:-1])
+        if ad is None:
+            return w
+        return (w.astype(jnp.float32) + delta(ad, s)).astype(w.dtype)
+    return jax.tree_util.tree_map_with_path(visit, base, is_leaf=_is_quantized)
+
+
+def merge(base, adapters, lcfg: LoraConfig):
+    """Plain params with the adapters folded in (e.g. for export)."""
+    return apply(base, adapters, lcfg)
+
+
+def unmerge(merged, adapters, lcfg: LoraConfig):
+    """The base back from merged params (up to rounding in the params' dtype)."""
+    return apply(merged, adapters, lcfg, sign=-1.0)
+
+
+# ----------------------------------------------------------------------------- int8 base
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, dict) and set(x) == {"int8", "scale"}
+
+
+def quantize(params, dtype: str):
+    """The frozen base in `dtype`: "param" (as is), "bfloat16", or "int8" (every projection
+    kernel as int8 with one fp32 scale per output channel; embeddings and norms kept)."""
+    if dtype == "param":
+        return params
+    if dtype == "bfloat16":
+        return jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+
+    def visit(path, w):
+        if path[-1].key != "kernel" or w.ndim < 2:
+            return w
+        s = jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-2, keepdims=True), 1e-12) / 127
+        return {"int8": jnp.round(w / s).astype(jnp.int8), "scale": s}
+    return jax.tree_util.tree_map_with_path(visit, params)
+
+
+def dequantize(leaf, dtype=jnp.float32):
+    return (leaf["int8"].astype(jnp.float32) * leaf["scale"]).astype(dtype)
+
+
+def param_count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
