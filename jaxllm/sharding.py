@@ -133,8 +133,9 @@ def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: ShardingRules):
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
-    """Sharding of [batch, length] input arrays."""
-    return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules, mesh))
+    """Sharding of input arrays along their batch dimension (any rank: [batch] weights too;
+    the model constrains activations along the sequence itself)."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch",), rules, mesh))
 
 
 def batch_shards(mesh: Mesh, rules: ShardingRules) -> int:

@@ -43,9 +43,19 @@ class Task:
             params[name] = init(jax.random.fold_in(k_extra, i))
         return params
 
-    def frozen(self, exp: Experiment, base):
-        """Frozen trees from the base params (traced under jit); None when nothing is frozen."""
+    def needs_frozen(self, exp: Experiment) -> bool:
+        return bool(exp.lora.rank)
+
+    def frozen(self, exp: Experiment, base, mesh):
+        """Frozen trees built from the base params (when needs_frozen)."""
         return {"base": lora.quantize(base, exp.lora.base_dtype)} if exp.lora.rank else None
+
+    def make_data(self, exp: Experiment, run_dir, local_batch: int):
+        """Post-training examples per data.format (pretraining overrides this)."""
+        from jaxllm.data.posttrain import ExampleData
+        return ExampleData.from_config(exp.data, run_dir=run_dir, batch_size=local_batch,
+                                       seed=exp.seed, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
 
 
 def model_params(exp: Experiment, params, frozen):

@@ -141,13 +141,13 @@ def base_and_frozen(exp: Experiment, task, mesh, need_base: bool):
     """The base model's params (model.init_from, or a fresh seeded init) when a fresh state or
     a frozen tree needs them, and the task's frozen trees built from them."""
     model_abs = step_lib.with_shardings(*step_lib.model_spec(exp), mesh, exp.mesh.rules)
-    has_frozen = jax.eval_shape(lambda b: task.frozen(exp, b), model_abs) is not None
+    has_frozen = task.needs_frozen(exp)
     if not (need_base or has_frozen):
         return None, None
     base = initial_params(exp, mesh, {"params": model_abs})
     if base is None and (has_frozen or not _trains_model_only(exp, task)):
         base = models.init_sharded(exp.model, step_lib.base_key(exp), mesh, exp.mesh.rules)
-    return base, (task.frozen(exp, base) if has_frozen else None)
+    return base, (task.frozen(exp, base, mesh) if has_frozen else None)
 
 
 def _trains_model_only(exp, task) -> bool:
