@@ -80,7 +80,8 @@ class Checkpointer:
 
 
 def restore_run_params(run_dir: str | Path, step: int | None = None):
-    """(Experiment, params) from a training run directory's latest (or given) checkpoint."""
+    """(Experiment, params) from a training run directory's latest (or given) checkpoint: the
+    params its task trains (model params; {"lora": ...} adapters; plus heads such as "score")."""
     from jaxllm import config as config_lib
     from jaxllm import sharding
     from jaxllm.train import step as step_lib
@@ -93,8 +94,10 @@ def restore_run_params(run_dir: str | Path, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"{run_dir}/checkpoints: no checkpoint")
+    from jaxllm.tasks import get_task
     mesh = sharding.make_mesh(exp.mesh)
-    abstract = step_lib.abstract_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh)
+    abstract = step_lib.abstract_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh,
+                                       get_task(exp.task).param_spec(exp))
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
     return exp, state["params"]

@@ -1,0 +1,246 @@
+"""Post-training: loss formulas on hand-computed values, masks and packing, LoRA, data errors."""
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import config, lora, models
+from jaxllm.config import DistillConfig, DPOConfig, LoraConfig, RewardConfig
+from jaxllm.data import ByteTokenizer, DataError, synthetic
+from jaxllm.data.examples import example_spans
+from jaxllm.data.posttrain import ExampleData, build_rows, flatten, rows_of
+from jaxllm.tasks import get_task
+from jaxllm.tasks.distill import token_kl
+from jaxllm.tasks.dpo import dpo_losses
+from jaxllm.tasks.reward import pairwise_losses
+from jaxllm.tasks.sequences import sequence_logps
+
+TOK = ByteTokenizer()
+TINY = ["model.vocab_size=259", "model.hidden_size=64", "model.intermediate_size=128",
+        "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.max_seq_len=64",
+        "data.seq_len=48", "data.tokenizer.kind=byte"]
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+# ----------------------------------------------------------------------------- formulas
+
+@pytest.mark.parametrize("loss, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0),
+                                             ("ipo", 0.0)])
+def test_dpo_losses_match_the_published_formulas(loss, smoothing):
+    pc, pr, rc, rr = -10.0, -14.0, -11.0, -12.5  # summed log-probs
+    lc, lr_ = 4.0, 5.0  # completion lengths
+    b = 0.5
+    if loss == "ipo":  # averaged per token: d = (-10/4 + 11/4) - (-14/5 + 12.5/5) = 0.25 + 0.3
+        d = 0.25 + 0.3
+        want = (d - 1 / (2 * b)) ** 2
+    else:
+        d = (pc - rc) - (pr - rr)  # 1 + 1.5 = 2.5
+        want = {"sigmoid": -(1 - smoothing) * logsig(b * d) - smoothing * logsig(-b * d),
+                "hinge": max(0.0, 1 - b * d)}[loss]
+    got = dpo_losses(jnp.array([pc]), jnp.array([pr]), jnp.array([rc]), jnp.array([rr]),
+                     DPOConfig(beta=b, loss=loss, label_smoothing=smoothing),
+                     jnp.array([lc]), jnp.array([lr_]))
+    assert float(got[0]) == pytest.approx(want, rel=1e-6)
+
+
+def test_reward_pairwise_loss_with_margin_and_centering():
+    rc, rr = jnp.array([1.5, -0.2]), jnp.array([0.5, 0.3])
+    got = pairwise_losses(rc, rr, RewardConfig(margin=0.25, center_coef=0.1))
+    want = [-logsig(1.5 - 0.5 - 0.25) + 0.1 * 2.0 ** 2, -logsig(-0.2 - 0.3 - 0.25) + 0.1 * 0.1 ** 2]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_distillation_kl_equals_a_direct_computation(kl):
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(3, 7)) * 2, rng.normal(size=(3, 7)) * 2
+    temp = 2.0
+
+    def softmax(x):
+        e = np.exp(x / temp - (x / temp).max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    ps, pt = softmax(s), softmax(t)
+    p, q = (pt, ps) if kl == "forward" else (ps, pt)
+    want = [sum(p[i, v] * math.log(p[i, v] / q[i, v]) for v in range(7)) * temp ** 2 for i in range(3)]
+    got = token_kl(jnp.asarray(s), jnp.asarray(t), DistillConfig(kl=kl, temperature=temp))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks, packing
+
+def test_sft_mask_covers_the_completion_and_its_end_token_only():
+    ex = {"prompt": "Reverse: abc\nAnswer: ", "completion": "cba"}
+    ids, trained = flatten(example_spans(TOK, ex))
+    rows = rows_of([(ids, trained)], 32, TOK.pad_id, pack=False)
+    mask, targets = rows["loss_mask"][0], rows["targets"][0]
+    trained_targets = targets[mask > 0]
+    assert TOK.decode(trained_targets[:-1]) == "cba" and trained_targets[-1] == TOK.eos_id
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]}
+    ids, trained = flatten(example_spans(TOK, chat))
+    rows = rows_of([(ids, trained)], 64, TOK.pad_id, pack=False)
+    t = rows["targets"][0][rows["loss_mask"][0] > 0]
+    assert list(t) == TOK.encode("yo") + [TOK.eos_id] + TOK.encode("ok") + [TOK.eos_id]
+
+
+def test_packed_row_loss_equals_the_sum_of_its_examples_losses():
+    exp = config.load(None, [*TINY, "model.max_seq_len=96"])
+    params = models.init(exp.model, jax.random.key(0))
+    exs = synthetic.instruct_rows(["abc", "hello", "zyxwv"])
+    seqs = [flatten(example_spans(TOK, ex)) for ex in exs]
+    packed = {k: jnp.asarray(v) for k, v in rows_of(seqs, 96, TOK.pad_id, pack=True).items()}
+    assert packed["tokens"].shape[0] == 1 and int(packed["segment_ids"].max()) == 3
+    alone = [{k: jnp.asarray(v) for k, v in rows_of([s], 96, TOK.pad_id, pack=False).items()}
+             for s in seqs]
+    total = float(sequence_logps(params, exp.model, packed)[0][0])
+    parts = sum(float(sequence_logps(params, exp.model, r)[0][0]) for r in alone)
+    assert total == pytest.approx(parts, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_step0_equals_base_and_merge_unmerge_round_trip():
+    exp = config.load(None, TINY)
+    base = models.init(exp.model, jax.random.key(0))
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    adapters = lora.init(lora.abstract(base, lcfg), jax.random.key(1))
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % 259
+    ref = models.forward(base, tokens, exp.model)[0]
+    np.testing.assert_array_equal(models.forward(lora.apply(base, adapters, lcfg), tokens, exp.model)[0], ref)
+    trained = jax.tree.map(lambda x: x + 0.05, adapters)  # as if after some steps
+    merged = lora.merge(base, trained, lcfg)
+    np.testing.assert_allclose(models.forward(merged, tokens, exp.model)[0],
+                               models.forward(lora.apply(base, trained, lcfg), tokens, exp.model)[0],
+                               atol=1e-5)
+    assert not np.allclose(merged["layers"]["self_attn"]["q_proj"]["kernel"],
+                           base["layers"]["self_attn"]["q_proj"]["kernel"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 lora.unmerge(merged, trained, lcfg), base)
+
+
+def test_lora_int8_base_is_close_to_the_float_base():
+    exp = config.load(None, TINY)
+    base = models.init(exp.model, jax.random.key(0))
+    q = lora.quantize(base, "int8")
+    assert q["layers"]["mlp"]["up_proj"]["kernel"]["int8"].dtype == jnp.int8
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % 259
+    deq = lora.apply(q, {}, LoraConfig(rank=4))
+    ref, got = models.forward(base, tokens, exp.model)[0], models.forward(deq, tokens, exp.model)[0]
+    assert float(jnp.abs(got - ref).max()) < 0.02 * float(jnp.abs(ref).max())
+
+
+def test_lora_trains_only_adapters_and_the_optimizer_holds_only_them(tmp_path):
+    """Through the real loop: the base is unchanged (it is not even in the state) and the
+    optimizer state is two moments of adapter size, not of model size."""
+    from jaxllm.train import loop
+    from jaxllm.train.checkpoint import restore_run_params
+    from jaxllm.train.optimizer import make_optimizer
+    from jaxllm.train.step import abstract_state
+    from jaxllm import sharding
+
+    exp = config.load(None, [*TINY, "task=sft", "data.format=instruct", "lora.rank=4",
+                             "data.sources=[experiments/posttrain/data/reverse_sft.jsonl]",
+                             "train.steps=3", "train.batch_size=8", f"run_dir={tmp_path}",
+                             "logging.progress_bar=false", "logging.plot=false",
+                             "checkpoint.async_save=false"])
+    loop.run(exp)
+    _, params = restore_run_params(tmp_path)
+    n_adapter = lora.param_count(params)
+    n_model = lora.param_count(models.abstract_params(exp.model))
+    assert set(params) == {"lora"} and 0 < n_adapter < n_model / 5
+    assert float(jnp.abs(params["lora"]["layers"]["mlp"]["down_proj"]["b"]).max()) > 0  # trained
+    opt = make_optimizer(exp.optimizer, exp.train.steps)
+    spec = get_task("sft").param_spec(exp)
+    abstract = abstract_state(exp, opt, sharding.make_mesh(exp.mesh), spec)
+    assert lora.param_count(abstract["opt_state"]) <= 2 * n_adapter + 8
+
+
+# ----------------------------------------------------------------------------- data
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_malformed_rows_are_an_error_with_file_and_line_or_counted(tmp_path):
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    path = _write(tmp_path / "p.jsonl", [good, {"prompt": "a", "chosen": "b"}, "{oops", good])
+    exp = config.load(None, [*TINY, "data.format=preference", f"data.sources=[{path}]"])
+    with pytest.raises(DataError, match=r"p.jsonl:2: field 'rejected'"):
+        ExampleData(exp.data, TOK, batch_size=2, seed=0)
+    skip = dataclasses.replace(exp.data, skip_malformed=True, eval_fraction=0.0)
+    data = ExampleData(skip, TOK, batch_size=2, seed=0)
+    assert data.skipped == 2 and "2 malformed skipped" in data.summary
+
+
+def test_field_names_are_remappable_and_chat_pairs_accepted(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [
+        {"question": "q1", "selected": "good", "worse": "bad"},
+        {"question": [{"role": "user", "content": "q2"}],
+         "selected": [{"role": "assistant", "content": "fine"}], "worse": "nope"}])
+    exp = config.load(None, [*TINY, "data.format=preference", f"data.sources=[{path}]",
+                             "data.fields.prompt=question", "data.fields.chosen=selected",
+                             "data.fields.rejected=worse", "data.eval_fraction=0"])
+    rows = ExampleData(exp.data, TOK, batch_size=2, seed=0).train_rows[0]
+    chosen = rows["chosen_targets"][rows["chosen_loss_mask"] > 0]
+    assert TOK.decode(chosen) == "goodfine"
+
+
+def test_mixture_weights_set_the_sampling_proportions(tmp_path):
+    a = _write(tmp_path / "a.jsonl", [{"prompt": "a", "completion": f"A{i}"} for i in range(50)])
+    b = _write(tmp_path / "b.jsonl", [{"prompt": "b", "completion": f"B{i}"} for i in range(50)])
+    exp = config.load(None, [*TINY, "data.format=instruct", f"data.sources=[{a},{b}]",
+                             "data.weights=[3,1]", "data.pack=false", "data.eval_fraction=0"])
+    it = ExampleData(exp.data, TOK, batch_size=40, seed=0).train_iterator()
+    first = np.concatenate([next(it)["tokens"][:, 1] for _ in range(10)])  # the prompt letter
+    share_a = float(np.mean(first == TOK.encode("a")[0]))
+    assert 0.65 < share_a < 0.85
+
+
+# ----------------------------------------------------------------------------- tasks end to end
+
+def test_dpo_starts_at_log2_for_full_and_lora_training(tmp_path):
+    """Policy == reference at step 0, so every pair's sigmoid loss is log 2: true only if the
+    reference really is the starting point (full: a frozen copy; LoRA: the base, adapters off)."""
+    from jaxllm.train import loop
+    path = _write(tmp_path / "p.jsonl", synthetic.preference_rows(synthetic.words(32, 0)))
+    for extra in ([], ["lora.rank=4"]):
+        exp = config.load(None, [*TINY, "task=dpo", "data.format=preference",
+                                 f"data.sources=[{path}]", "train.steps=1", "train.batch_size=8",
+                                 "logging.every_steps=1", f"run_dir={tmp_path / str(len(extra))}",
+                                 "logging.progress_bar=false", "logging.plot=false",
+                                 "checkpoint.enabled=false", *extra])
+        last = loop.run(exp)
+        assert last["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert last["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    from jaxllm.train import loop
+    run_dir = tmp_path_factory.mktemp("teacher")
+    loop.run(config.load("experiments/posttrain/sft_full.yaml", [*FEW_STEPS, f"run_dir={run_dir}"]))
+    return run_dir
+
+
+FEW_STEPS = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1",
+             "logging.progress_bar=false", "logging.plot=false", "checkpoint.async_save=false"]
+
+
+@pytest.mark.parametrize("name", ["sft_lora", "dpo", "reward", "distill"])
+def test_example_configs_train_a_few_steps(name, tmp_path, request):
+    """Every objective's config under experiments/posttrain runs as shipped (sft_full is the
+    distillation teacher)."""
+    from jaxllm.train import loop
+    extra = ([f"distill.teacher=run:{request.getfixturevalue('teacher_run')}"]
+             if name == "distill" else [])
+    last = loop.run(config.load(f"experiments/posttrain/{name}.yaml",
+                                [*FEW_STEPS, f"run_dir={tmp_path}", *extra]))
+    assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
