@@ -36,20 +36,12 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, sm_scale=None, bl
     interpret: True runs the Pallas kernel in interpret mode on CPU; for "tpu" a
     `pltpu.InterpretParams` may be given instead (e.g. to detect races). Sequence lengths need
     not be multiples of the blocks: inputs are padded with a segment no token attends to."""
-    _check_shapes(q, k, v, segment_ids, causal)
-    d = q.shape[-1]
-    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    backend = _pick_backend(backend, interpret)
+    backend, opts = _prepare(q, k, v, segment_ids, causal, sm_scale, block_sizes, backend,
+                             interpret, sliding_window)
     if backend == "reference":
-        return reference.attention(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
+        return reference.attention(q, k, v, segment_ids, causal=causal, sm_scale=opts.sm_scale,
                                    sliding_window=sliding_window)[0]
-    if sliding_window is not None and sliding_window < 1:
-        raise AttentionShapeError(f"sliding_window must be >= 1, got {sliding_window}")
-    blocks = _blocks(backend, block_sizes, q.shape[1], d)
-    interp = _interpret_arg(backend, interpret)
-    opts = Options(causal=causal, sm_scale=sm_scale, sliding_window=sliding_window,
-                   blocks=blocks, interpret=interp)
-
+    blocks = opts.blocks
     t = q.shape[1]
     step = math.lcm(blocks.block_q, blocks.block_kv)
     padded = -(-t // step) * step
@@ -102,18 +94,14 @@ def forward_with_lse(q, k, v, segment_ids=None, *, causal=True, sm_scale=None, b
 
     For tests and for research code that needs the log-normaliser (e.g. to merge attention
     over chunks). Sequence lengths must be multiples of the blocks here."""
-    _check_shapes(q, k, v, segment_ids, causal)
-    d = q.shape[-1]
-    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    backend = _pick_backend(backend, interpret)
+    backend, opts = _prepare(q, k, v, segment_ids, causal, sm_scale, block_sizes, backend,
+                             interpret, sliding_window)
     if backend == "reference":
-        return reference.attention(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
+        return reference.attention(q, k, v, segment_ids, causal=causal, sm_scale=opts.sm_scale,
                                    sliding_window=sliding_window)
-    blocks = _blocks(backend, block_sizes, q.shape[1], d)
-    if q.shape[1] % math.lcm(blocks.block_q, blocks.block_kv):
+    if q.shape[1] % math.lcm(opts.blocks.block_q, opts.blocks.block_kv):
         raise AttentionShapeError(f"sequence length {q.shape[1]} is not a multiple of the "
-                                  f"blocks {blocks}")
-    opts = Options(causal, sm_scale, sliding_window, blocks, _interpret_arg(backend, interpret))
+                                  f"blocks {opts.blocks}")
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     o, res = _forward(q, k, v, seg, backend, opts)
     lse = res[-1]
@@ -150,6 +138,20 @@ def flash_attention_sharded(q, k, v, segment_ids, mesh, *, rules, **kwargs):
 
 
 # ----------------------------------------------------------------------------- checks
+
+def _prepare(q, k, v, segment_ids, causal, sm_scale, block_sizes, backend, interpret,
+             sliding_window) -> tuple[str, Options]:
+    """Validate everything up front; the backend and the static options of the call."""
+    _check_shapes(q, k, v, segment_ids, causal)
+    d = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    backend = _pick_backend(backend, interpret)
+    if sliding_window is not None and sliding_window < 1:
+        raise AttentionShapeError(f"sliding_window must be >= 1, got {sliding_window}")
+    blocks = None if backend == "reference" else _blocks(backend, block_sizes, q.shape[1], d)
+    return backend, Options(causal=causal, sm_scale=sm_scale, sliding_window=sliding_window,
+                            blocks=blocks, interpret=_interpret_arg(backend, interpret))
+
 
 _PLATFORM_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
