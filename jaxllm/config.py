@@ -171,6 +171,7 @@ class DPOConfig:
     loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0  # sigmoid only: robust DPO with noisy preference labels
     reference_free: bool = False  # the reference log-probs are taken as 0
+    sft_weight: float = 0.0  # + w * per-token NLL of the chosen answers (RPO; TRL's rpo_alpha)
 
 
 @dataclass(frozen=True)

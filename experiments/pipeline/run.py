@@ -3,14 +3,15 @@
 
     python experiments/pipeline/run.py [--out runs/pipeline] [--quick]
 
-The task (jaxllm.data.synthetic): "Reverse: <word>\\nAnswer: " -> the word reversed, 3-6 random
-letters, byte-level tokens. Held-out words are never trained on. Stages:
+The task (jaxllm.data.synthetic): "Reverse: <word>\\nAnswer: " -> the word reversed, random
+letters (3-5), byte-level tokens. Held-out words are never trained on. Stages:
   1. pretrain a tiny model from scratch on Python's pydoc text (general text, no task data);
   2. SFT (all weights) on the instructions;
   3. sample the SFT model on the training prompts; preference pairs = correct answer vs the
      model's own wrong answer (a near miss where it was right);
   4. a reward model (from the SFT weights) on those pairs;
-  5. DPO from the SFT weights on the same pairs, the SFT model as the frozen reference.
+  5. DPO from the SFT weights on the same pairs, the SFT model as the frozen reference, with
+     the chosen answers' NLL added (dpo.sft_weight, RPO) so they do not sink with the rejected.
 Metrics on held-out words: exact match of greedy answers; the reward model's pairwise accuracy
 on held-out pairs; DPO's implicit-reward preference accuracy on the same pairs."""
 from __future__ import annotations
@@ -70,9 +71,9 @@ def main():
     out = Path(args.out)
     k = 0.05 if args.quick else 1.0
     steps = {s: max(4, int(n * k)) for s, n in
-             {"pretrain": 400, "sft": 700, "reward": 150, "dpo": 150}.items()}
+             {"pretrain": 300, "sft": 1000, "reward": 300, "dpo": 120}.items()}
     tok = ByteTokenizer()
-    train_words, test_words = synthetic.split(3000, 200, seed=0)
+    train_words, test_words = synthetic.split(8000, 200, seed=0)
     data = out / "data"
     synthetic.write_jsonl(data / "sft.jsonl", synthetic.instruct_rows(train_words))
     t_start = time.perf_counter()
@@ -90,7 +91,7 @@ def main():
     exp_sft, sft_params = restore_run_params(sft_dir)
     cfg = exp_sft.model
     # On-policy pairs: the SFT model's own sampled mistakes are the rejected answers.
-    pair_words = train_words[:1500]
+    pair_words = train_words[:3000]
     sampled = answers(sft_params, cfg, pair_words, tok, temperature=1.0, seed=1)
     wrong = {w: a for w, a in zip(pair_words, sampled) if a != synthetic.answer(w) and a}
     synthetic.write_jsonl(data / "pairs.jsonl", synthetic.preference_rows(pair_words, wrong, seed=1))
@@ -103,9 +104,9 @@ def main():
             "data.eval_fraction=0.02", f"model.init_from=run:{sft_dir}", "train.batch_size=16",
             "optimizer.warmup_steps=10", "optimizer.weight_decay=0.0"]
     rm_dir = train(out, "reward", ["task=reward", *pref, f"train.steps={steps['reward']}",
-                                   "optimizer.lr=5e-4", "reward.center_coef=0.01"])
+                                   "optimizer.lr=2e-4", "reward.center_coef=0.01"])
     dpo_dir = train(out, "dpo", ["task=dpo", *pref, f"train.steps={steps['dpo']}",
-                                 "optimizer.lr=2e-4", "dpo.beta=0.1"])
+                                 "optimizer.lr=1e-4", "dpo.beta=0.1", "dpo.sft_weight=1.0"])
 
     # Held-out metrics.
     exp_rm, rm_params = restore_run_params(rm_dir)

@@ -1,4 +1,4 @@
-"""A checkable instruction task the project generates itself: reverse a random word.
+"""A checkable instruction task the project generates itself: reverse a random 3-5 letter word.
 
 Used by the post-training pipeline (experiments/pipeline/) and the tests: instructions with
 exact answers, held-out prompts, and preference pairs of a correct answer against a wrong one
@@ -20,7 +20,7 @@ def answer(word: str) -> str:
     return word[::-1]
 
 
-def words(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[str]:
+def words(n: int, seed: int, min_len: int = 3, max_len: int = 5) -> list[str]:
     rng = random.Random(seed)
     out, seen = [], set()
     while len(out) < n:

@@ -41,6 +41,8 @@ def loss(params, batch, frozen, exp: Experiment):
         ref = jax.lax.stop_gradient(sequence_logps(reference_params(exp, params, frozen), cfg, rows)[0])
     pc, pr, rc, rr = logps[:n], logps[n:], ref[:n], ref[n:]
     per_pair = dpo_losses(pc, pr, rc, rr, dcfg, lens[:n], lens[n:])
+    if dcfg.sft_weight:  # keeps the chosen answers' likelihood from sinking with the rejected
+        per_pair = per_pair - dcfg.sft_weight * pc / jnp.maximum(lens[:n], 1.0)
     valid = batch["valid"]
     w = jnp.maximum(valid.sum(), 1.0)
     mean = lambda x: (x * valid).sum() / w
