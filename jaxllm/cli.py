@@ -140,8 +140,13 @@ def cmd_convert(args) -> None:
 def cmd_compile(args) -> None:
     from jaxllm import compile_plan, config
     exp = config.load(args.config, args.overrides)
+    topology = args.topology or exp.mesh.topology
+    if topology is None:
+        raise config.ConfigError("jaxllm compile: give --topology (e.g. v5p:4x4x4) or a config "
+                                 "with mesh.topology (a TPU mesh preset sets it)")
+    slices = args.num_slices or exp.mesh.num_slices
     for remat in args.remat or [exp.model.remat]:
-        p = compile_plan.plan(compile_plan.with_remat(exp, remat), args.topology, args.num_slices)
+        p = compile_plan.plan(compile_plan.with_remat(exp, remat), topology, slices)
         print(compile_plan.describe(p))
 
 
@@ -222,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory plan")
     co.add_argument("config")
     co.add_argument("overrides", nargs="*")
-    co.add_argument("--topology", required=True, help='e.g. "v5e:4x4", "v5p:4x4x4"')
-    co.add_argument("--num-slices", type=int, default=1)
+    co.add_argument("--topology", help='e.g. "v5e:4x4", "v5p:4x4x4" (default: mesh.topology)')
+    co.add_argument("--num-slices", type=int, help="TPU slices (default: mesh.num_slices)")
     co.add_argument("--remat", action="append", help="compare remat policies (repeatable)")
     co.set_defaults(fn=cmd_compile)
 

@@ -57,9 +57,13 @@ class ShardingRules:
 
 @dataclass(frozen=True)
 class MeshConfig:
+    preset: str | None = None  # a name in jaxllm/mesh_presets.py; keys given beside it win
     ici: AxisSizes = AxisSizes(fsdp=-1)
     dcn: AxisSizes = AxisSizes()
     rules: ShardingRules = ShardingRules()
+    devices: int | None = None  # the device count this mesh is meant for (checked at start)
+    topology: str | None = None  # TPU topology (e.g. "v5p:4x4x4"): the default of jaxllm compile
+    num_slices: int = 1  # TPU slices (the compile plan's default)
 
 
 @dataclass(frozen=True)
@@ -330,8 +334,30 @@ def _build(cls, raw: dict, prefix: str, here):
     return cls(**kwargs)
 
 
+def _resolve_mesh_preset(raw: dict, here) -> dict:
+    """Mesh fields from mesh.preset, then the user's (ici/dcn axes merged one by one)."""
+    mesh = raw.get("mesh")
+    if not isinstance(mesh, dict) or mesh.get("preset") is None:
+        return raw
+    from jaxllm.mesh_presets import MESH_PRESETS, resolve
+    name = mesh["preset"]
+    if name not in MESH_PRESETS:
+        near = difflib.get_close_matches(str(name), list(MESH_PRESETS), 1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{here('mesh.preset')}: unknown mesh preset {name!r}{hint} "
+                          f"(known: {', '.join(MESH_PRESETS)})")
+    base = resolve(name)
+    for key, value in mesh.items():
+        if key in ("ici", "dcn") and isinstance(value, dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return {**raw, "mesh": base}
+
+
 def _resolve_preset(raw: dict, here) -> dict:
     """Model fields from the preset, then from an hf: init_from's config.json, then the user's."""
+    raw = _resolve_mesh_preset(raw, here)
     model = raw.get("model")
     if not isinstance(model, dict):
         return raw

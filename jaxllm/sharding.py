@@ -52,6 +52,10 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int, num_slices: int = 1):
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A Mesh over AXES. dcn sizes span slices (TPU) or processes (GPU nodes, CPU hosts)."""
     devices = list(devices if devices is not None else jax.devices())
+    if cfg.devices is not None and cfg.devices != len(devices):
+        what = f"mesh.preset={cfg.preset}" if cfg.preset else f"mesh.devices={cfg.devices}"
+        raise MeshError(f"{what} is for {cfg.devices} devices, but this run has {len(devices)} "
+                        f"(set mesh.devices=null to use the layout anyway)")
     num_slices = 1
     if any(getattr(cfg.dcn, a) != 1 for a in AXES):
         slices = {getattr(d, "slice_index", d.process_index) for d in devices}

@@ -77,3 +77,28 @@ def test_missing_file_and_bad_sweep(tmp_path):
     s.write_text("base: exp.yaml\nparamters: {}\n")
     with pytest.raises(ConfigError, match="did you mean 'parameters'"):
         load_sweep(s)
+
+
+def test_mesh_presets_resolve_and_match_their_hardware():
+    import math
+
+    from jaxllm.mesh_presets import MESH_PRESETS
+    from jaxllm.sharding import resolve_axis_sizes
+    for name, p in MESH_PRESETS.items():
+        exp = config.load(None, [f"mesh.preset={name}"])
+        slices = math.prod(p.get("dcn", {}).values())  # TPU slices or GPU nodes
+        ici, dcn = resolve_axis_sizes(exp.mesh, p["devices"], slices)
+        assert exp.mesh.devices == p["devices"]
+        assert math.prod(ici) * math.prod(dcn) == p["devices"], name
+    exp = config.load(None, ["mesh.preset=v5e-256", "mesh.ici.tensor=4"])
+    assert (exp.mesh.ici.fsdp, exp.mesh.ici.tensor, exp.mesh.topology) == (-1, 4, "v5e:16x16")
+
+
+def test_unknown_mesh_preset_and_wrong_hardware_are_clear_errors():
+    from jaxllm import sharding
+    with pytest.raises(ConfigError, match="unknown mesh preset 'v5p-12'; did you mean 'v5p-128'"):
+        config.load(None, ["mesh.preset=v5p-12"])
+    exp = config.load(None, ["mesh.preset=h100-1"])
+    with pytest.raises(sharding.MeshError, match="mesh.preset=h100-1 is for 1 devices, but this run has 8"):
+        sharding.make_mesh(exp.mesh)
+    assert sharding.make_mesh(config.load(None, ["mesh.preset=cpu-8"]).mesh).shape["fsdp"] == 4
