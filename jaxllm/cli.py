@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--max-new-tokens", type=int, default=64)
     sa.add_argument("--temperature", type=float, default=0.0)
     sa.set_defaults(fn=cmd_sample)
+
+    from jaxllm.cli_generate import add_parsers
+    add_parsers(sub)
     return p
 
 

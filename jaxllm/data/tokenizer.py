@@ -117,8 +117,10 @@ def load_tokenizer(tok_cfg, run_dir: Path | None, train_texts: Callable[[], Iter
     if tok_cfg.kind == "byte":
         return ByteTokenizer()
     if tok_cfg.kind == "hf":
-        raise DataError("data.tokenizer.kind: hf tokenizers come with the Hugging Face interop "
-                        "issue; use 'byte' or 'sentencepiece'")
+        if not tok_cfg.path:
+            raise DataError("data.tokenizer.path: kind hf needs a tokenizer.json or a model dir")
+        from jaxllm.data.hf_tokenizer import HFTokenizer
+        return HFTokenizer(tok_cfg.path)
     if tok_cfg.kind != "sentencepiece":
         raise DataError(f"data.tokenizer.kind: unknown kind {tok_cfg.kind!r}")
     if tok_cfg.path:
