@@ -119,9 +119,7 @@ def cmd_convert(args) -> None:
     import dataclasses
     import jax
     from jaxllm import config, sharding
-    from jaxllm.train import step as step_lib
-    from jaxllm.train.checkpoint import Checkpointer
-    from jaxllm.train.optimizer import make_optimizer
+    from jaxllm.train.checkpoint import write_run
     seq = min(256, hf.load_config(args.from_hf).max_seq_len)
     exp = config.load(None, [f"model.init_from=hf:{args.from_hf}", f"run_dir={args.out}",
                              f"data.seq_len={seq}"])
@@ -129,12 +127,32 @@ def cmd_convert(args) -> None:
     _, params = hf.load(args.from_hf, dtype=args.dtype, mesh=mesh, rules=exp.mesh.rules)
     exp = dataclasses.replace(exp, model=exp.model.replace(param_dtype=str(
         jax.tree.leaves(params)[0].dtype)))
-    state = step_lib.init_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh, params)
-    config.save_resolved(exp, args.out)
-    ckpt = Checkpointer(Path(args.out) / "checkpoints", exp.checkpoint)
-    ckpt.save(0, state, {}, force=True)
-    ckpt.close()
+    write_run(exp, params, args.out)
     print(f"wrote {args.out} (jaxllm run directory, checkpoint step 0)")
+
+
+def cmd_tokenizer_extend(args) -> None:
+    """Base run + new-domain text -> a new run dir: extended tokenizer, grown embeddings."""
+    import dataclasses
+    from jaxllm.data import read_documents
+    from jaxllm.train.checkpoint import restore_run_params, write_run
+    from jaxllm.vocab import extend_sentencepiece, resize_vocab
+    exp, params = restore_run_params(args.run_dir)
+    if exp.lora.rank or set(params) - {"embed_tokens", "layers", "norm", "lm_head"}:
+        raise ValueError(f"tokenizer extend: {args.run_dir} is not a plain model run")
+    base_tok = Path(exp.data.tokenizer.path or Path(args.run_dir) / "tokenizer.model")
+    if exp.data.tokenizer.kind != "sentencepiece" or not base_tok.is_file():
+        raise FileNotFoundError(f"tokenizer extend: {args.run_dir} has no sentencepiece model")
+    texts = read_documents(dataclasses.replace(exp.data, sources=tuple(args.source)))
+    out = Path(args.out)
+    model, added = extend_sentencepiece(base_tok, texts, args.pieces, out / "tokenizer.model")
+    vocab = exp.model.vocab_size + added
+    exp = dataclasses.replace(
+        exp, run_dir=str(out), model=exp.model.replace(vocab_size=vocab),
+        data=dataclasses.replace(exp.data, tokenizer=dataclasses.replace(
+            exp.data.tokenizer, path=str(model), vocab_size=vocab)))
+    write_run(exp, resize_vocab(params, vocab), out)
+    print(f"wrote {out}: {added} pieces added, vocab {vocab} (embeddings grown, old rows kept)")
 
 
 def cmd_compile(args) -> None:
@@ -215,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=2048)
     tt.add_argument("--out", required=True, help="model prefix; writes PREFIX.model")
     tt.set_defaults(fn=cmd_tokenizer_train)
+    te = tks.add_parser("extend", help="add a new domain's pieces to a run's tokenizer and grow "
+                        "its embeddings into a new run directory")
+    te.add_argument("run_dir")
+    te.add_argument("--source", action="append", required=True, help="new-domain text (repeatable)")
+    te.add_argument("--pieces", type=int, default=1000, help="size of the new-domain model")
+    te.add_argument("--out", required=True)
+    te.set_defaults(fn=cmd_tokenizer_extend)
 
     cv = sub.add_parser("convert", help="Hugging Face <-> jaxllm checkpoints")
     cv.add_argument("--from-hf", help="a local HF model directory (config.json + safetensors)")

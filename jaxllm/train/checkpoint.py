@@ -101,3 +101,19 @@ def restore_run_params(run_dir: str | Path, step: int | None = None):
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
     return exp, state["params"]
+
+
+def write_run(exp, params, out: str | Path) -> Path:
+    """A run directory holding `params` as its step-0 checkpoint (and resolved.yaml), ready for
+    model.init_from=run:OUT, train.resume, convert or generate."""
+    from jaxllm import config as config_lib
+    from jaxllm import sharding
+    from jaxllm.train import step as step_lib
+    from jaxllm.train.optimizer import make_optimizer
+    mesh = sharding.make_mesh(exp.mesh)
+    state = step_lib.init_state(exp, make_optimizer(exp.optimizer, exp.train.steps), mesh, params)
+    config_lib.save_resolved(exp, out)
+    ckpt = Checkpointer(Path(out) / "checkpoints", exp.checkpoint)
+    ckpt.save(0, state, {}, force=True)
+    ckpt.close()
+    return Path(out)
