@@ -106,10 +106,11 @@ def cmd_convert(args) -> None:
     if bool(args.from_hf) == bool(args.to_hf):
         raise FileNotFoundError("convert: give exactly one of --from-hf DIR or --to-hf RUN_DIR")
     if args.to_hf:
-        from jaxllm.train.checkpoint import restore_run_params
-        exp, params = restore_run_params(args.to_hf, args.step)
+        from jaxllm.cli_generate import load_model
+        # LoRA runs export merged (base + scale * B A); reward runs export their backbone.
+        cfg, params, _, _ = load_model(args.to_hf, None, step=args.step)
         tok = Path(args.to_hf) / "tokenizer.model"
-        out = hf.save(exp.model, params, args.out, dtype=args.dtype)
+        out = hf.save(cfg, params, args.out, dtype=args.dtype)
         if tok.is_file():
             import shutil
             shutil.copy(tok, Path(out) / "tokenizer.model")

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 
 
-def load_model(checkpoint: str | None, hf_dir: str | None):
+def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = None):
     """(ModelConfig, model params, tokenizer, stop token ids) from a run or an HF directory.
     A LoRA run's adapters are applied to its base; a reward run samples from its backbone."""
     if hf_dir:
@@ -28,7 +28,7 @@ def load_model(checkpoint: str | None, hf_dir: str | None):
     from jaxllm.tasks.base import model_params
     from jaxllm.train.checkpoint import restore_run_params
     from jaxllm.train.loop import base_and_frozen
-    exp, params = restore_run_params(checkpoint)
+    exp, params = restore_run_params(checkpoint, step)
     task = get_task(exp.task)
     _, frozen = base_and_frozen(exp, task, sharding.make_mesh(exp.mesh), need_base=False)
     tok = load_tokenizer(exp.data.tokenizer, Path(checkpoint), None)

@@ -161,6 +161,22 @@ def test_lora_trains_only_adapters_and_the_optimizer_holds_only_them(tmp_path):
     abstract = abstract_state(exp, opt, sharding.make_mesh(exp.mesh), spec)
     assert lora.param_count(abstract["opt_state"]) <= 2 * n_adapter + 8
 
+    # Export merged: transformers gives the logits of base + adapters.
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from jaxllm import cli
+    from jaxllm.cli_generate import load_model
+    cli.main(["convert", "--to-hf", str(tmp_path), "--out", str(tmp_path / "hf")])
+    cfg, merged, _, _ = load_model(str(tmp_path), None)
+    tokens = np.arange(30)[None] % 259
+    ours = np.asarray(models.forward(merged, jnp.asarray(tokens), cfg)[0])
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                                 torch_dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
 
 # ----------------------------------------------------------------------------- data
 
