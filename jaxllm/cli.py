@@ -107,10 +107,10 @@ def cmd_convert(args) -> None:
         raise FileNotFoundError("convert: give exactly one of --from-hf DIR or --to-hf RUN_DIR")
     if args.to_hf:
         from jaxllm.cli_generate import load_model
-        # LoRA runs export merged (base + scale * B A); reward runs export their backbone.
-        cfg, params, _, _ = load_model(args.to_hf, None, step=args.step)
+        # LoRA runs export merged (base + scale * B A); reward runs as sequence classifiers.
+        cfg, params, tokenizer, _ = load_model(args.to_hf, None, step=args.step, keep_heads=True)
         tok = Path(args.to_hf) / "tokenizer.model"
-        out = hf.save(cfg, params, args.out, dtype=args.dtype)
+        out = hf.save(cfg, params, args.out, dtype=args.dtype, pad_token_id=tokenizer.pad_id)
         if tok.is_file():
             import shutil
             shutil.copy(tok, Path(out) / "tokenizer.model")

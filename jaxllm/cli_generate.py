@@ -8,9 +8,11 @@ from pathlib import Path
 import jax
 
 
-def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = None):
+def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = None,
+               keep_heads: bool = False):
     """(ModelConfig, model params, tokenizer, stop token ids) from a run or an HF directory.
-    A LoRA run's adapters are applied to its base; a reward run samples from its backbone."""
+    A LoRA run's adapters are applied to its base; a reward run's "score" head is kept only
+    with keep_heads (sampling uses the backbone)."""
     if hf_dir:
         from jaxllm.data.hf_tokenizer import HFTokenizer
         from jaxllm.interop import hf
@@ -32,7 +34,8 @@ def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = No
     task = get_task(exp.task)
     _, frozen = base_and_frozen(exp, task, sharding.make_mesh(exp.mesh), need_base=False)
     tok = load_tokenizer(exp.data.tokenizer, Path(checkpoint), None)
-    return exp.model, model_params(exp, params, frozen), tok, [tok.eos_id]
+    heads = {k: v for k, v in params.items() if k == "score"} if keep_heads else {}
+    return exp.model, model_params(exp, params, frozen) | heads, tok, [tok.eos_id]
 
 
 def _sample(cfg, params, prompts, stops, args, seed):

@@ -260,3 +260,32 @@ def test_example_configs_train_a_few_steps(name, tmp_path, request):
     last = loop.run(config.load(f"experiments/posttrain/{name}.yaml",
                                 [*FEW_STEPS, f"run_dir={tmp_path}", *extra]))
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+
+
+def test_reward_model_exports_as_a_sequence_classifier_transformers_reproduces(tmp_path):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from jaxllm import cli
+    from jaxllm.tasks.reward import score
+    from jaxllm.train import loop
+    from jaxllm.train.checkpoint import restore_run_params
+
+    path = _write(tmp_path / "p.jsonl", synthetic.preference_rows(synthetic.words(32, 0)))
+    loop.run(config.load(None, [*TINY, "task=reward", "data.format=preference",
+                                f"data.sources=[{path}]", "train.steps=2", "train.batch_size=8",
+                                f"run_dir={tmp_path / 'rm'}", "logging.progress_bar=false",
+                                "logging.plot=false", "checkpoint.async_save=false"]))
+    cli.main(["convert", "--to-hf", str(tmp_path / "rm"), "--out", str(tmp_path / "hf")])
+    exp, params = restore_run_params(tmp_path / "rm")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 259, (3, 20))
+    tokens[1, 12:] = TOK.pad_id  # right padding: the reward is read at the last real token
+    seg = (tokens != TOK.pad_id).astype(np.int32)
+    ours = np.asarray(score(params, exp.model, jnp.asarray(tokens), jnp.asarray(seg)))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "hf", torch_dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)

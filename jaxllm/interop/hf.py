@@ -91,16 +91,26 @@ def load(path: str | Path, dtype=None, mesh=None, rules=None) -> tuple[ModelConf
 
 
 def save(cfg: ModelConfig, params: dict, path: str | Path, *, tokenizer_from=None,
-         max_shard_bytes: int = 5 * 1024**3, dtype=None) -> Path:
+         max_shard_bytes: int = 5 * 1024**3, dtype=None, pad_token_id: int | None = None) -> Path:
     """Write config.json + safetensors (sharded with an index past max_shard_bytes) that
-    transformers.AutoModelForCausalLM.from_pretrained loads; copy tokenizer files if given."""
+    transformers.AutoModelForCausalLM.from_pretrained loads; copy tokenizer files if given.
+
+    Params with a reward head ("score": {"kernel": [hidden, 1]}) are written as the matching
+    *ForSequenceClassification with one label (score.weight, no lm_head); transformers scores
+    the last token that is not pad_token_id, as jaxllm.tasks.reward.score does."""
     from safetensors.flax import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(dtype or cfg.param_dtype)
     shards: list[dict] = [{}]
     size = 0
-    for name, array in params_to_hf(jax.device_get(params), cfg):
+    params = jax.device_get(params)
+    head = params.get("score")
+    named = list(params_to_hf({k: v for k, v in params.items() if k != "score"}, cfg))
+    if head is not None:
+        named = [(n, a) for n, a in named if not n.startswith("lm_head")]
+        named.append(("score.weight", np.asarray(head["kernel"]).T))
+    for name, array in named:
         arr = jnp.asarray(array, dtype)
         if size and size + arr.nbytes > max_shard_bytes:
             shards.append({})
@@ -118,6 +128,11 @@ def save(cfg: ModelConfig, params: dict, path: str | Path, *, tokenizer_from=Non
         (path / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_cfg = config_to_hf(cfg, torch_dtype=dtype.name)
+    if head is not None:
+        hf_cfg["architectures"] = [hf_cfg["architectures"][0].replace("ForCausalLM",
+                                                                      "ForSequenceClassification")]
+        hf_cfg.update(num_labels=1, pad_token_id=pad_token_id, id2label={"0": "LABEL_0"},
+                      label2id={"LABEL_0": 0})
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     if tokenizer_from is not None:
         for f in TOKENIZER_FILES:
