@@ -103,8 +103,18 @@ def cmd_tokenizer_train(args) -> None:
 
 def cmd_convert(args) -> None:
     from jaxllm.interop import hf
-    if bool(args.from_hf) == bool(args.to_hf):
-        raise FileNotFoundError("convert: give exactly one of --from-hf DIR or --to-hf RUN_DIR")
+    if sum(map(bool, (args.from_hf, args.to_hf, args.to_peft))) != 1:
+        raise FileNotFoundError("convert: give exactly one of --from-hf DIR, --to-hf RUN_DIR or "
+                                "--to-peft RUN_DIR")
+    if args.to_peft:
+        from jaxllm.interop.peft import save_adapter
+        from jaxllm.train.checkpoint import restore_run_params
+        exp, params = restore_run_params(args.to_peft, args.step)
+        if not exp.lora.rank:
+            raise ValueError(f"convert --to-peft: {args.to_peft} is not a LoRA run (lora.rank=0)")
+        print(f"wrote {save_adapter(params['lora'], exp.lora, args.out)} (base: the run's "
+              f"model.init_from, {exp.model.init_from or 'a fresh init'})")
+        return
     if args.to_hf:
         from jaxllm.cli_generate import load_model
         # LoRA runs export merged (base + scale * B A); reward runs as sequence classifiers.
@@ -245,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="Hugging Face <-> jaxllm checkpoints")
     cv.add_argument("--from-hf", help="a local HF model directory (config.json + safetensors)")
     cv.add_argument("--to-hf", help="a jaxllm run directory (its latest checkpoint)")
+    cv.add_argument("--to-peft", help="a LoRA run directory: its adapter in PEFT's format")
     cv.add_argument("--out", required=True)
     cv.add_argument("--step", type=int, default=None, help="with --to-hf: this step, not the latest")
     cv.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")

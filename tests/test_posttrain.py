@@ -289,3 +289,32 @@ def test_reward_model_exports_as_a_sequence_classifier_transformers_reproduces(t
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits[:, 0].numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_loads_our_adapter_onto_the_exported_base_with_equal_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from jaxllm.interop import hf
+    from jaxllm.interop.peft import save_adapter
+
+    exp = config.load(None, TINY)
+    base = models.init(exp.model, jax.random.key(0))
+    lcfg = LoraConfig(rank=4, alpha=8.0, rslora=True, targets=("q_proj", "v_proj", "down_proj"))
+    adapters = lora.init(lora.abstract(base, lcfg), jax.random.key(1))
+    adapters = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape),
+                            adapters)  # B no longer zero
+    hf.save(exp.model, base, tmp_path / "base")
+    save_adapter(adapters, lcfg, tmp_path / "adapter")
+    tokens = np.arange(25)[None] % 259
+    ours = np.asarray(models.forward(lora.apply(base, adapters, lcfg), jnp.asarray(tokens),
+                                     exp.model)[0])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
+                                                              torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, tmp_path / "adapter")
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(ours, np.asarray(models.forward(base, jnp.asarray(tokens), exp.model)[0]),
+                           atol=1e-3)  # the adapter matters
