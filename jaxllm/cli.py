@@ -166,6 +166,31 @@ def cmd_tokenizer_extend(args) -> None:
     print(f"wrote {out}: {added} pieces added, vocab {vocab} (embeddings grown, old rows kept)")
 
 
+def cmd_lora_extract(args) -> None:
+    """A LoRA adapter of the tuned model's difference from the base (PEFT format)."""
+    import numpy as np
+    from jaxllm import lora
+    from jaxllm.cli_generate import load_model
+    from jaxllm.config import LoraConfig
+    from jaxllm.interop.peft import save_adapter
+
+    def load(src):
+        kind, _, where = src.partition(":")
+        if kind not in ("run", "hf") or not where:
+            raise ValueError(f"lora extract: expected run:DIR or hf:DIR, got {src!r}")
+        return load_model(where if kind == "run" else None, where if kind == "hf" else None)[:2]
+    (cfg, base), (cfg_t, tuned) = load(args.base), load(args.tuned)
+    if cfg.replace(init_from=None, preset=None) != cfg_t.replace(init_from=None, preset=None):
+        raise ValueError("lora extract: base and tuned models have different shapes")
+    lcfg = LoraConfig(rank=args.rank, alpha=float(args.alpha or args.rank),
+                      targets=tuple(args.targets.split(",")))
+    adapters, kept = lora.extract(base, tuned, lcfg)
+    save_adapter(adapters, lcfg, args.out)
+    for name, frac in sorted(kept.items()):
+        print(f"{name:40s} {100 * frac:6.2f}% of the difference kept")
+    print(f"overall (mean over modules): {100 * np.mean(list(kept.values())):.2f}%; wrote {args.out}")
+
+
 def cmd_compile(args) -> None:
     from jaxllm import compile_plan, config
     exp = config.load(args.config, args.overrides)
@@ -251,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--pieces", type=int, default=1000, help="size of the new-domain model")
     te.add_argument("--out", required=True)
     te.set_defaults(fn=cmd_tokenizer_extend)
+
+    lo = sub.add_parser("lora", help="LoRA tools")
+    los = lo.add_subparsers(dest="lora_verb", required=True)
+    le = los.add_parser("extract", help="truncated-SVD LoRA of a fine-tune's difference from its base")
+    le.add_argument("--base", required=True, help="run:DIR or hf:DIR")
+    le.add_argument("--tuned", required=True, help="run:DIR or hf:DIR (same shape)")
+    le.add_argument("--rank", type=int, required=True)
+    le.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1)")
+    le.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    le.add_argument("--out", required=True)
+    le.set_defaults(fn=cmd_lora_extract)
 
     cv = sub.add_parser("convert", help="Hugging Face <-> jaxllm checkpoints")
     cv.add_argument("--from-hf", help="a local HF model directory (config.json + safetensors)")

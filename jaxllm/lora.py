@@ -154,3 +154,30 @@ def dequantize(leaf, dtype=jnp.float32):
 
 def param_count(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def extract(base, tuned, lcfg: LoraConfig):
+    """Adapters of rank lcfg.rank approximating tuned - base on the targeted kernels, by
+    truncated SVD per layer (singular values split as sqrt into A and B). Returns (adapters,
+    {module path: fraction of the difference's squared Frobenius norm kept}); the best rank-r
+    approximation keeps the r largest squared singular values (Eckart-Young)."""
+    import numpy as np
+    s = scale(lcfg)
+    flat_base, flat_tuned = _targets(base, lcfg), _targets(tuned, lcfg)
+    out, kept = {}, {}
+    for path, w in flat_base.items():
+        diff = np.asarray(flat_tuned[path], np.float64) - np.asarray(w, np.float64)
+        lead = diff.shape[:-2]
+        d = diff.reshape(-1, *diff.shape[-2:])
+        u, sv, vt = np.linalg.svd(d, full_matrices=False)
+        r = min(lcfg.rank, sv.shape[-1])
+        root = np.sqrt(sv[:, :r])
+        a = u[:, :, :r] * root[:, None, :]
+        b = root[:, :, None] * vt[:, :r, :] / s
+        total = (sv ** 2).sum()
+        kept["/".join(path)] = float((sv[:, :r] ** 2).sum() / total) if total > 0 else 1.0
+        out[path] = {"a": jnp.asarray(a.reshape(*lead, *a.shape[-2:]), jnp.float32),
+                     "b": jnp.asarray(b.reshape(*lead, *b.shape[-2:]), jnp.float32)}
+    return _nested(out), kept
