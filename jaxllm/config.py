@@ -170,6 +170,13 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class PromptTuningConfig:
+    """A learned soft prompt of num_tokens vectors before every row; the model stays frozen.
+    Use with unpacked rows (data.pack=false): the prompt belongs to each row's first example."""
+    num_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
     loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
@@ -207,6 +214,7 @@ class Experiment:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     lora: LoraConfig = LoraConfig()
+    prompt_tuning: PromptTuningConfig = PromptTuningConfig()
     dpo: DPOConfig = DPOConfig()
     reward: RewardConfig = RewardConfig()
     distill: DistillConfig = DistillConfig()

@@ -76,16 +76,27 @@ def _inputs(tokens, positions, segment_ids, cache):
     return tokens, positions.astype(jnp.int32), segment_ids.astype(jnp.int32), cache
 
 
+def _split_soft_prompt(params):
+    """Params may carry a soft prompt ("soft_prompt": [N, D], prompt tuning) beside the
+    model's own: it is prepended to every row's embeddings."""
+    if "soft_prompt" not in params:
+        return params, None
+    return {k: v for k, v in params.items() if k != "soft_prompt"}, params["soft_prompt"]
+
+
 def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None, cache=None):
     """Logits [B,T,V] (compute dtype) and the updated cache (None when none was given)."""
-    return Decoder(cfg).apply({"params": params}, *_inputs(tokens, positions, segment_ids, cache))
+    params, prefix = _split_soft_prompt(params)
+    return Decoder(cfg).apply({"params": params}, *_inputs(tokens, positions, segment_ids, cache),
+                              prefix=prefix)
 
 
 def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
                   cache=None):
     """Final hidden states [B,T,D] after the last norm (for reward/value heads)."""
+    params, prefix = _split_soft_prompt(params)
     return Decoder(cfg).apply({"params": params}, *_inputs(tokens, positions, segment_ids, cache),
-                              return_hidden=True)
+                              return_hidden=True, prefix=prefix)
 
 
 def unembed(params, hidden, cfg: ModelConfig):

@@ -215,8 +215,17 @@ class Decoder(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")
 
-    def hidden(self, tokens, positions, segment_ids, cache):
-        x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+    def hidden(self, tokens, positions, segment_ids, cache, prefix=None):
+        x = self.embed_tokens(tokens)
+        if prefix is not None:  # soft prompt: N learned vectors before each row's first token
+            if cache is not None:
+                raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
+            b, n = x.shape[0], prefix.shape[0]
+            x = jnp.concatenate([jnp.broadcast_to(prefix.astype(x.dtype), (b, n, x.shape[2])), x], 1)
+            positions = jnp.concatenate(
+                [jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n)), positions + n], 1)
+            segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], n, 1), segment_ids], 1)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         kv, meta = None, None
         if cache is not None:
             # Segment ids of the whole buffer and the write offset are shared by all layers.
@@ -226,6 +235,8 @@ class Decoder(nn.Module):
         x, kv = self.layers(x, positions, segment_ids, kv, meta)
         if cache is not None:
             cache = {**kv, "segment_ids": meta[1], "index": meta[0] + tokens.shape[1]}
+        if prefix is not None:
+            x = x[:, prefix.shape[0]:]
         return self.norm(x), cache
 
     def logits(self, hidden):
@@ -235,8 +246,8 @@ class Decoder(nn.Module):
             out = self.lm_head(hidden)
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
-    def __call__(self, tokens, positions, segment_ids, cache, return_hidden=False):
-        hidden, cache = self.hidden(tokens, positions, segment_ids, cache)
+    def __call__(self, tokens, positions, segment_ids, cache, return_hidden=False, prefix=None):
+        hidden, cache = self.hidden(tokens, positions, segment_ids, cache, prefix)
         if return_hidden:
             return hidden, cache
         return self.logits(hidden), cache

@@ -1,7 +1,8 @@
 """What a task gives the loop, and the trainable/frozen split every task shares.
 
-Trained params are the model's params, or (lora.rank > 0) LoRA adapters {"lora": ...} over a
-frozen base; a task may add heads of its own (`extra_params`, e.g. a reward model's "score").
+Trained params are the model's params, or over a frozen base either LoRA adapters
+{"lora": ...} (lora.rank > 0) or a soft prompt {"soft_prompt": [N, D]} (prompt tuning); a task
+may add heads of its own (`extra_params`, e.g. a reward model's "score").
 Frozen trees (the LoRA base, a DPO reference, a distillation teacher) go to the loss as a jit
 argument: never in the optimizer, never checkpointed (they are rebuilt from their source)."""
 from __future__ import annotations
@@ -22,7 +23,13 @@ class Task:
     def param_spec(self, exp: Experiment):
         """(abstract, logical axes) of the trained params."""
         m_abs, m_log = models.abstract_params(exp.model), models.logical_axes(exp.model)
-        if exp.lora.rank:
+        if exp.lora.rank and exp.prompt_tuning.num_tokens:
+            raise ValueError("lora.rank and prompt_tuning.num_tokens: choose one method")
+        if exp.prompt_tuning.num_tokens:
+            n, d = exp.prompt_tuning.num_tokens, exp.model.hidden_size
+            abs_ = {"soft_prompt": jax.ShapeDtypeStruct((n, d), m_abs["embed_tokens"]["embedding"].dtype)}
+            log_ = {"soft_prompt": (None, "embed")}
+        elif exp.lora.rank:
             abs_, log_ = {"lora": lora.abstract(m_abs, exp.lora)}, {"lora": lora.logical_axes(m_log, exp.lora)}
         else:
             abs_, log_ = dict(m_abs), dict(m_log)
@@ -37,18 +44,24 @@ class Task:
         if base is None:
             base = models.init(exp.model, key)
         k_lora, k_extra = jax.random.split(key)
-        params = ({"lora": lora.init(lora.abstract(base, exp.lora), k_lora)} if exp.lora.rank
-                  else dict(base))
+        if exp.prompt_tuning.num_tokens:  # start from the embeddings of random vocabulary tokens
+            emb = base["embed_tokens"]["embedding"]
+            ids = jax.random.randint(k_lora, (exp.prompt_tuning.num_tokens,), 0, emb.shape[0])
+            params = {"soft_prompt": emb[ids]}
+        elif exp.lora.rank:
+            params = {"lora": lora.init(lora.abstract(base, exp.lora), k_lora)}
+        else:
+            params = dict(base)
         for i, (name, (init, _)) in enumerate(sorted(self.extra_params(exp).items())):
             params[name] = init(jax.random.fold_in(k_extra, i))
         return params
 
     def needs_frozen(self, exp: Experiment) -> bool:
-        return bool(exp.lora.rank)
+        return _frozen_base(exp)
 
     def frozen(self, exp: Experiment, base, mesh):
         """Frozen trees built from the base params (when needs_frozen)."""
-        return {"base": lora.quantize(base, exp.lora.base_dtype)} if exp.lora.rank else None
+        return {"base": lora.quantize(base, exp.lora.base_dtype)} if _frozen_base(exp) else None
 
     def make_data(self, exp: Experiment, run_dir, local_batch: int):
         """Post-training examples per data.format (pretraining overrides this)."""
@@ -59,7 +72,10 @@ class Task:
 
 
 def model_params(exp: Experiment, params, frozen):
-    """The params the model runs with: the base with adapters applied, or the trained ones."""
+    """The params the model runs with: the base with adapters applied or a soft prompt
+    prepended, or the trained ones."""
+    if exp.prompt_tuning.num_tokens:
+        return frozen["base"] | {"soft_prompt": params["soft_prompt"]}
     if exp.lora.rank:
         return lora.apply(frozen["base"], params["lora"], exp.lora)
     return {k: v for k, v in params.items() if k in _MODEL_KEYS}
@@ -71,9 +87,14 @@ _MODEL_KEYS = ("embed_tokens", "layers", "norm", "lm_head")
 def reference_params(exp: Experiment, params, frozen):
     """The frozen reference (DPO, KL penalties): the base without adapters under LoRA (no second
     copy in memory), else the frozen copy in frozen["ref"]."""
-    if exp.lora.rank:
+    if _frozen_base(exp):
         return lora.apply(frozen["base"], {}, exp.lora) if _quantized(exp) else frozen["base"]
     return frozen["ref"]
+
+
+def _frozen_base(exp) -> bool:
+    """LoRA and prompt tuning train beside a frozen base model."""
+    return bool(exp.lora.rank or exp.prompt_tuning.num_tokens)
 
 
 def _quantized(exp):

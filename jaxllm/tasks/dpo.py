@@ -56,10 +56,10 @@ def loss(params, batch, frozen, exp: Experiment):
 
 class DPOTask(Task):
     def needs_frozen(self, exp):
-        return not exp.dpo.reference_free or bool(exp.lora.rank)
+        return not exp.dpo.reference_free or super().needs_frozen(exp)
 
     def frozen(self, exp, base, mesh):
-        if exp.lora.rank:
+        if super().needs_frozen(exp):  # LoRA or prompt tuning: the base is the reference
             return super().frozen(exp, base, mesh)
         return {"ref": base}  # the trained copy is made by the state's init; this one stays
 

@@ -152,7 +152,7 @@ def base_and_frozen(exp: Experiment, task, mesh, need_base: bool):
 
 def _trains_model_only(exp, task) -> bool:
     """True when the trained params are exactly the model's (init_state can init them)."""
-    return not exp.lora.rank and not task.extra_params(exp)
+    return not task.needs_frozen(exp) and not task.extra_params(exp)
 
 
 def initial_params(exp: Experiment, mesh, abstract):
