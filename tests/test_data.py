@@ -255,7 +255,7 @@ def test_sentencepiece_training_is_deterministic_and_lossless(tmp_path):
         data.load_tokenizer(dataclasses.replace(cfg, vocab_size=400), tmp_path / "run", texts_fn)
     with pytest.raises(DataError, match="vocab_size: 5000 is too large for this corpus"):
         data.train_sentencepiece(["abc abd"] * 5, 5000, tmp_path / "c")
-    with pytest.raises(DataError, match="hf tokenizers come with the Hugging Face interop issue"):
+    with pytest.raises(DataError, match="kind hf needs a tokenizer.json"):
         data.load_tokenizer(TokenizerConfig(kind="hf"), None, None)
 
 

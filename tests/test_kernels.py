@@ -30,7 +30,7 @@ class Case:
 CASES = {
     "causal-mha-segments-batch2": Case(heads=2, kv_heads=2),
     "noncausal-gqa2-segments": Case(causal=False, heads=2, kv_heads=1, batch=1),
-    "gqa4-blockq-ne-blockkv": Case(heads=8, kv_heads=2, batch=1,
+    "gqa4-blockq-ne-blockkv": Case(heads=4, kv_heads=1, batch=1,
                                    blocks={"tpu": (256, 128), "gpu": (64, 32)}),
     "mqa-d128-kv-block-larger": Case(heads=2, kv_heads=1, head_dim=128, segmented=False, batch=1,
                                      blocks={"tpu": (128, 256), "gpu": (16, 64)}),

@@ -54,7 +54,7 @@ def test_extend_tokenizer_then_continue_pretraining(tmp_path):
         f"run_dir={tmp_path / 'cont'}", f"model.init_from=run:{tmp_path / 'ext'}",
         f"data.sources=[{new}]", "data.split_paragraphs=true", "train.steps=4",
         "train.batch_size=8", "logging.progress_bar=false", "logging.plot=false",
-        "checkpoint.async_save=false"])
+        "train.eval_batches=0", "checkpoint.async_save=false"])
     last = loop.run(cont)
     assert np.isfinite(last["loss"])
     _, trained = restore_run_params(tmp_path / "cont")
