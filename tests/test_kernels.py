@@ -28,7 +28,7 @@ class Case:
 
 # Small grids: the TPU interpreter costs ~0.1 s per grid step on this CPU.
 CASES = {
-    "causal-mha-segments-batch2": Case(heads=2, kv_heads=2),
+    "causal-mha-segments-batch2": Case(heads=1, kv_heads=1),
     "noncausal-gqa2-segments": Case(causal=False, heads=2, kv_heads=1, batch=1),
     "gqa4-blockq-ne-blockkv": Case(heads=4, kv_heads=1, batch=1,
                                    blocks={"tpu": (256, 128), "gpu": (64, 32)}),

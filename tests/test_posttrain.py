@@ -224,15 +224,25 @@ def test_mixture_weights_set_the_sampling_proportions(tmp_path):
 
 def test_dpo_starts_at_log2_for_full_and_lora_training(tmp_path):
     """Policy == reference at step 0, so every pair's sigmoid loss is log 2: true only if the
-    reference really is the starting point (full: a frozen copy; LoRA: the base, adapters off)."""
+    reference really is the starting point (LoRA, through the loop with the shipped config:
+    the base with adapters off; full: the task's frozen copy)."""
+    from jaxllm.data.posttrain import ExampleData
+    from jaxllm.tasks.dpo import DPOTask
     from jaxllm.train import loop
-    for extra in ([], ["lora.rank=4"]):  # the shipped example config, full and LoRA
-        exp = config.load("experiments/posttrain/dpo.yaml", [
-            *FEW_STEPS, "train.steps=1", "logging.every_steps=1", "checkpoint.enabled=false",
-            f"run_dir={tmp_path / str(len(extra))}", *extra])
-        last = loop.run(exp)
-        assert last["loss"] == pytest.approx(math.log(2), abs=1e-6)
-        assert last["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    exp = config.load("experiments/posttrain/dpo.yaml", [
+        *FEW_STEPS, "train.steps=1", "logging.every_steps=1", "checkpoint.enabled=false",
+        f"run_dir={tmp_path}", "lora.rank=4"])
+    last = loop.run(exp)
+    assert last["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert last["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+    full = dataclasses.replace(exp, lora=LoraConfig())
+    task, base = DPOTask(), models.init(full.model, jax.random.key(0))
+    params, frozen = task.init_params(full, jax.random.key(1), base), task.frozen(full, base, None)
+    batch = next(ExampleData(full.data, TOK, batch_size=8, seed=0).train_iterator())
+    loss, metrics = jax.jit(task.loss_fn(full))(params, jax.tree.map(jnp.asarray, batch), frozen)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(metrics["rewards/accuracies"]) == 0.0  # ties are not wins
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """tokenizer.json + chat templates against transformers; generate/chat CLIs; sampling on a mesh."""
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -77,31 +75,43 @@ def hf_dir(tok_dir, tmp_path_factory):
     return d, cfg, params
 
 
-def run_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "jaxllm.cli", *args], input=stdin,
-                          capture_output=True, text=True, timeout=300)
+def run_cli(capsys, monkeypatch, *args, stdin=""):
+    """jaxllm's CLI in this process (no second jax start-up): (exit code, stdout, stderr)."""
+    import io
+
+    from jaxllm import cli
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        cli.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_generate_and_chat_cli_from_a_hugging_face_directory(hf_dir):
+def test_generate_and_chat_cli_from_a_hugging_face_directory(hf_dir, capsys, monkeypatch):
     d, cfg, params = hf_dir
     tok = HFTokenizer(d)
-    out = run_cli("generate", "--hf", str(d), "--prompt", "hello world", "--max-new-tokens", "6")
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, out, err = run_cli(capsys, monkeypatch, "generate", "--hf", str(d), "--prompt",
+                             "hello world", "--max-new-tokens", "6")
+    assert code == 0, err[-2000:]
     want = generate(params, cfg, [[tok.bos_id] + tok.encode("hello world")], max_new_tokens=6,
                     stop_tokens=[tok.eos_id])
     ids = [int(t) for t in want["tokens"][0][:want["lengths"][0]] if t != tok.eos_id]
-    assert out.stdout.strip() == f"'hello world' -> {tok.decode(ids)!r}"
+    assert out.strip() == f"'hello world' -> {tok.decode(ids)!r}"
 
-    chat = run_cli("chat", "--hf", str(d), "--max-new-tokens", "5", stdin="hello\nthe fox?\n/exit\n")
-    assert chat.returncode == 0, chat.stderr[-2000:]
-    replies = chat.stdout.splitlines()
+    code, out, err = run_cli(capsys, monkeypatch, "chat", "--hf", str(d), "--max-new-tokens", "5",
+                             stdin="hello\nthe fox?\n/exit\nnever read\n")
+    assert code == 0, err[-2000:]
+    replies = out.splitlines()
     prompt = [i for ids, _ in tok.render_chat([{"role": "user", "content": "hello"}], True) for i in ids]
     first = generate(params, cfg, [prompt], max_new_tokens=5, stop_tokens=[tok.eos_id])
     ids = [int(t) for t in first["tokens"][0][:first["lengths"][0]] if t != tok.eos_id]
     assert len(replies) == 2 and replies[0] == tok.decode(ids)
 
-    bad = run_cli("generate", "--hf", "/no/such/dir", "--prompt", "x")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+    code, _, err = run_cli(capsys, monkeypatch, "generate", "--hf", "/no/such/dir", "--prompt", "x")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_sampling_on_a_mesh_equals_one_device(hf_dir):
