@@ -6,6 +6,7 @@ with libtpu installed (no TPU needed), and read per-chip memory and FLOPs from X
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ def topology_devices(topology: str, num_slices: int = 1):
         import libtpu  # noqa: F401
     except ImportError:
         raise CompileError("jaxllm compile needs libtpu: pip install -e '.[tpu]'") from None
+    # A compile touches no TPU chip: skip libtpu's one-process-per-host lockfile, which would
+    # otherwise refuse a second compiling process (a parallel test worker, a second shell).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:  # TPU VM hosts hold 2x2x1 chips in every generation listed in HBM_GIB
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                             chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
