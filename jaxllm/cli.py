@@ -145,25 +145,36 @@ def cmd_convert(args) -> None:
 def cmd_tokenizer_extend(args) -> None:
     """Base run + new-domain text -> a new run dir: extended tokenizer, grown embeddings."""
     import dataclasses
-    from jaxllm.data import read_documents
-    from jaxllm.train.checkpoint import restore_run_params, write_run
+    import re
+    from jaxllm.data import DataError, SentencePieceTokenizer, read_documents
+    from jaxllm.train.checkpoint import CheckpointError, restore_run_params, write_run
     from jaxllm.vocab import extend_sentencepiece, resize_vocab
     exp, params = restore_run_params(args.run_dir)
     if exp.lora.rank or set(params) - {"embed_tokens", "layers", "norm", "lm_head"}:
-        raise ValueError(f"tokenizer extend: {args.run_dir} is not a plain model run")
+        raise CheckpointError(f"tokenizer extend: {args.run_dir} is not a plain model run "
+                              "(LoRA, prompt tuning or a reward head)")
     base_tok = Path(exp.data.tokenizer.path or Path(args.run_dir) / "tokenizer.model")
     if exp.data.tokenizer.kind != "sentencepiece" or not base_tok.is_file():
         raise FileNotFoundError(f"tokenizer extend: {args.run_dir} has no sentencepiece model")
     texts = read_documents(dataclasses.replace(exp.data, sources=tuple(args.source)))
     out = Path(args.out)
-    model, added = extend_sentencepiece(base_tok, texts, args.pieces, out / "tokenizer.model")
-    vocab = exp.model.vocab_size + added
+    known = SentencePieceTokenizer(base_tok).vocab_size  # rows past it are padding, if any
+    try:
+        model, new_ids = extend_sentencepiece(base_tok, texts, args.pieces, out / "tokenizer.model")
+    except DataError as e:
+        most = re.search(r"\(at most (\d+)\)", str(e))
+        if most is None:
+            raise
+        raise DataError(f"tokenizer extend: --pieces {args.pieces} is too many for this text "
+                        f"(at most {most.group(1)})") from None
+    vocab = max(exp.model.vocab_size, known + len(new_ids))
     exp = dataclasses.replace(
         exp, run_dir=str(out), model=exp.model.replace(vocab_size=vocab),
         data=dataclasses.replace(exp.data, tokenizer=dataclasses.replace(
-            exp.data.tokenizer, path=str(model), vocab_size=vocab)))
-    write_run(exp, resize_vocab(params, vocab), out)
-    print(f"wrote {out}: {added} pieces added, vocab {vocab} (embeddings grown, old rows kept)")
+            exp.data.tokenizer, path=str(model), vocab_size=known + len(new_ids))))
+    write_run(exp, resize_vocab(params, vocab, new_ids, mean_of=known), out)
+    print(f"wrote {out}: {len(new_ids)} pieces added, vocab {vocab} (new rows = mean of the old "
+          "ones, old rows kept)")
 
 
 def cmd_lora_extract(args) -> None:
@@ -272,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     te = tks.add_parser("extend", help="add a new domain's pieces to a run's tokenizer and grow "
                         "its embeddings into a new run directory")
     te.add_argument("run_dir")
-    te.add_argument("--source", action="append", required=True, help="new-domain text (repeatable)")
+    te.add_argument("--source", action="extend", nargs="+", required=True,
+                    help="new-domain text files or globs")
     te.add_argument("--pieces", type=int, default=1000, help="size of the new-domain model")
     te.add_argument("--out", required=True)
     te.set_defaults(fn=cmd_tokenizer_extend)

@@ -1,4 +1,7 @@
-"""`jaxllm generate` and `jaxllm chat`: sampling from a run directory or a Hugging Face model."""
+"""`jaxllm generate` and `jaxllm chat`: sampling from a run directory or a Hugging Face model.
+
+Params are placed on a mesh (a run's own mesh; for --hf, all devices along fsdp) and sampled
+under it, so a model larger than one device's memory still generates."""
 from __future__ import annotations
 
 import json
@@ -7,62 +10,122 @@ from pathlib import Path
 
 import jax
 
+from jaxllm.data.sources import DataError
+
 
 def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = None,
-               keep_heads: bool = False):
-    """(ModelConfig, model params, tokenizer, stop token ids) from a run or an HF directory.
-    A LoRA run's adapters are applied to its base; a reward run's "score" head is kept only
-    with keep_heads (sampling uses the backbone)."""
+               keep_heads: bool = False, with_mesh: bool = False):
+    """(ModelConfig, model params, tokenizer, stop token ids) from a run or an HF directory,
+    plus (mesh, rules) when with_mesh. A LoRA run's adapters are applied to its base; a reward
+    run's "score" head is kept only with keep_heads (sampling uses the backbone)."""
+    from jaxllm import config, sharding
+    from jaxllm.data.tokenizer import from_pretrained, load_tokenizer
     if hf_dir:
-        from jaxllm.data.hf_tokenizer import HFTokenizer
         from jaxllm.interop import hf
-        cfg, params = hf.load(hf_dir)
-        tok = HFTokenizer(hf_dir)
+        mesh_cfg = config.MeshConfig()
+        mesh = sharding.make_mesh(mesh_cfg)
+        cfg, params = hf.load(hf_dir, mesh=mesh, rules=mesh_cfg.rules)
+        tok = from_pretrained(hf_dir)
         stops = {tok.eos_id} if tok.eos_id is not None else set()
         gen = Path(hf_dir) / "generation_config.json"
         if gen.is_file():  # e.g. Llama 3 instruct ends turns with <|eot_id|>
             eos = json.loads(gen.read_text()).get("eos_token_id")
             stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return cfg, params, tok, sorted(stops)
-    from jaxllm import sharding
-    from jaxllm.data import load_tokenizer
+        out = cfg, params, tok, sorted(stops)
+        return out + ((mesh, mesh_cfg.rules),) if with_mesh else out
     from jaxllm.tasks import get_task
     from jaxllm.tasks.base import model_params
     from jaxllm.train.checkpoint import restore_run_params
     from jaxllm.train.loop import base_and_frozen
     exp, params = restore_run_params(checkpoint, step)
-    task = get_task(exp.task)
-    _, frozen = base_and_frozen(exp, task, sharding.make_mesh(exp.mesh), need_base=False)
+    mesh = sharding.make_mesh(exp.mesh)
+    _, frozen = base_and_frozen(exp, get_task(exp.task), mesh, need_base=False)
     tok = load_tokenizer(exp.data.tokenizer, Path(checkpoint), None)
     heads = {k: v for k, v in params.items() if k == "score"} if keep_heads else {}
-    return exp.model, model_params(exp, params, frozen) | heads, tok, [tok.eos_id]
+    out = exp.model, model_params(exp, params, frozen) | heads, tok, [tok.eos_id]
+    return out + ((mesh, exp.mesh.rules),) if with_mesh else out
 
 
-def _sample(cfg, params, prompts, stops, args, seed):
-    from jaxllm import generate
-    room = cfg.max_seq_len - max(len(p) for p in prompts)
+def _check_args(args) -> None:
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise DataError("sampling options: need --max-new-tokens >= 1, --temperature >= 0, "
+                        "0 < --top-p <= 1 and --top-k >= 0")
+
+
+def _load(args):
+    _check_args(args)
+    cfg, params, tok, stops, mesh_rules = load_model(args.checkpoint, args.hf, with_mesh=True)
+    if "soft_prompt" in params:
+        raise DataError(f"{args.checkpoint}: sampling from a prompt-tuning run is not supported "
+                        "(the soft prompt cannot go through the KV cache yet)")
+    return cfg, params, tok, stops, mesh_rules
+
+
+def _sample(model, prompts, args, seed, on_token=None, pad_multiple=16):
+    """Token ids of each prompt's continuation, stop tokens dropped."""
+    from jaxllm import generate, sharding
+    cfg, params, _, stops, mesh_rules = model
+    longest = max(len(p) for p in prompts)
+    room = cfg.max_seq_len - longest
     if room < 1:
-        raise ValueError(f"prompt of {max(len(p) for p in prompts)} tokens fills "
-                         f"model.max_seq_len={cfg.max_seq_len}")
-    out = generate.generate(params, cfg, prompts, max_new_tokens=min(args.max_new_tokens, room),
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            key=jax.random.key(seed), stop_tokens=stops)
+        raise DataError(f"a prompt of {longest} tokens fills model.max_seq_len={cfg.max_seq_len}")
+    with sharding.use(*mesh_rules):
+        out = generate.generate(params, cfg, prompts, max_new_tokens=min(args.max_new_tokens, room),
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                key=jax.random.key(seed), stop_tokens=stops, on_token=on_token,
+                                pad_multiple=pad_multiple)
     return [[int(t) for t in row[:n] if int(t) not in stops]
             for row, n in zip(out["tokens"], out["lengths"])]
 
 
 def cmd_generate(args) -> None:
-    cfg, params, tok, stops = load_model(args.checkpoint, args.hf)
+    model = _load(args)
+    tok = model[2]
     bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
     prompts = [bos + tok.encode(p) for p in args.prompt]
-    for text, ids in zip(args.prompt, _sample(cfg, params, prompts, stops, args, args.seed)):
+    for text, ids in zip(args.prompt, _sample(model, prompts, args, args.seed)):
         print(f"{text!r} -> {tok.decode(ids)!r}")
 
 
+class _Printer:
+    """Streams row 0's reply to stdout as its tokens come out. Text is printed once it
+    decodes to an extension of what is shown (a partial UTF-8 character waits)."""
+
+    def __init__(self, tok, stops):
+        self.tok, self.stops, self.ids, self.shown = tok, set(stops), [], ""
+
+    def __call__(self, tokens, emitted):
+        if not emitted[0] or int(tokens[0]) in self.stops:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, reply: str) -> None:
+        print(reply[len(self.shown):] if reply.startswith(self.shown) else "\n" + reply, flush=True)
+
+
+def _chat_prompt(tok, messages, max_len: int) -> list[int]:
+    """The chat so far, ending with the assistant's header. The oldest turns after the system
+    message are dropped while it leaves no room to reply."""
+    while True:
+        ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(ids) < max_len or len(users) < 2:
+            break
+        del messages[users[0]:users[1]]  # the oldest user turn and the replies to it
+    if len(ids) >= max_len:
+        raise DataError(f"chat: the conversation is {len(ids)} tokens, which leaves no room to "
+                        f"reply within model.max_seq_len={max_len}")
+    return ids
+
+
 def cmd_chat(args) -> None:
-    """Reads user turns from stdin (one per line) until EOF or /exit; prints each reply."""
-    from jaxllm.data.examples import chat_spans
-    cfg, params, tok, stops = load_model(args.checkpoint, args.hf)
+    """Reads user turns from stdin (one per line) until EOF or /exit; streams each reply."""
+    model = _load(args)
+    cfg, tok, stops = model[0], model[2], model[3]
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive, turn = sys.stdin.isatty(), 0
     while True:
@@ -74,10 +137,13 @@ def cmd_chat(args) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        prompt = [i for ids, _ in chat_spans(tok, messages, add_generation_prompt=True) for i in ids]
-        reply = tok.decode(_sample(cfg, params, [prompt], stops, args, args.seed + turn)[0])
+        prompt = _chat_prompt(tok, messages, cfg.max_seq_len)
+        printer = _Printer(tok, stops)
+        # The prompt grows every turn: pad it coarsely, so that turns share a compilation.
+        ids = _sample(model, [prompt], args, args.seed + turn, on_token=printer, pad_multiple=64)
+        reply = tok.decode(ids[0])
+        printer.finish(reply)
         messages.append({"role": "assistant", "content": reply})
-        print(reply, flush=True)
         turn += 1
 
 
@@ -88,15 +154,16 @@ def add_parsers(sub) -> None:
         src.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+        p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
         p.add_argument("--seed", type=int, default=0)
 
     g = sub.add_parser("generate", help="sample continuations of prompts (KV-cache sampler)")
     common(g)
     g.add_argument("--prompt", action="append", required=True, help="repeatable: one batch")
     g.set_defaults(fn=cmd_generate)
-    c = sub.add_parser("chat", help="interactive chat with the model's chat template (stdin)")
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template (stdin; "
+                       "/exit or EOF ends it)")
     common(c)
     c.add_argument("--system", default=None, help="a system message to start with")
     c.set_defaults(fn=cmd_chat)

@@ -1,24 +1,32 @@
 """Batched sampling with a preallocated KV cache: one prefill, then a jitted decode loop.
 
 Prompts of different lengths are left-padded (segment id 0 on padding, positions counted from
-each prompt's first real token), so every row decodes in lock-step into the same cache slot."""
+each prompt's first real token), so every row decodes in lock-step into the same cache slot.
+The padded width is rounded up (pad_multiple) so that prompts of similar lengths share one
+compilation; so do all temperatures and top-p values (greedy vs sampling, top_k, and whether
+top-p filters at all are compiled in).
+
+On a mesh (inside `sharding.use(mesh, rules)`, or with params sharded on a mesh), the batch
+and the KV cache are sharded by the logical rules (batch over data/fsdp, kv heads over
+tensor), and the results are replicated, so every process of a multi-host run has them all."""
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import models
+from jaxllm import models, sharding
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-    """Left-pad token lists -> (tokens [B,P], segment_ids [B,P], positions [B,P]) numpy."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
+    """Left-pad token lists to a multiple of `multiple` -> (tokens [B,P], segment_ids [B,P],
+    positions [B,P]) numpy."""
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    width = -(-max(len(p) for p in prompts) // multiple) * multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     seg = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
@@ -28,13 +36,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     return tokens, seg, positions
 
 
-def filter_logits(logits, temperature: float, top_k: int, top_p: float):
-    """Temperature, then top-k and nucleus (top-p) filtering; filtered entries become -inf."""
+def filter_logits(logits, temperature, top_k: int, top_p, use_top_p: bool | None = None):
+    """Temperature, then top-k and nucleus (top-p) filtering; filtered entries become -inf.
+    temperature and top_p may be traced; use_top_p (default: top_p < 1) says whether to filter."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
+    if top_p < 1.0 if use_top_p is None else use_top_p:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
@@ -45,32 +54,64 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-def _choose(logits, key, temperature, top_k, top_p):
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+# The on_token callbacks of generate() calls in progress. The compiled loop always calls the
+# same function (_stream), so a new callback does not mean a new compilation.
+_LISTENERS: list[Callable] = []
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "stop_tokens", "pad_id"))
-def _generate(params, tokens, segment_ids, positions, max_lens, key, *, cfg, max_new_tokens,
-              temperature, top_k, top_p, stop_tokens, pad_id):
+def _stream(step, tokens, emitted):
+    if _LISTENERS:
+        _LISTENERS[-1](int(step), np.asarray(tokens), np.asarray(emitted))
+
+
+class _InOrder:
+    """Passes steps on in order: callbacks are unordered (jax allows ordered effects on one
+    device only), so a step that arrives early waits for the ones before it."""
+
+    def __init__(self, fn):
+        self.fn, self.next, self.waiting = fn, 0, {}
+
+    def __call__(self, step, tokens, emitted):
+        self.waiting[step] = (tokens, emitted)
+        while self.next in self.waiting:
+            self.fn(*self.waiting.pop(self.next))
+            self.next += 1
+
+
+def _constrain_cache(cache):
+    kv = ("layers", "act_batch", None, "act_kv_heads", None)
+    return {"k": sharding.constrain(cache["k"], kv), "v": sharding.constrain(cache["v"], kv),
+            "segment_ids": sharding.constrain(cache["segment_ids"], ("act_batch", None)),
+            "index": cache["index"]}
+
+
+def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *, cfg,
+            max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream):
     b, p = tokens.shape
     # Decoding runs the layer loop once per token: unrolling it avoids the scan's per-iteration
     # overhead (same params either way).
     cfg = cfg.replace(scan_layers=False)
-    cache = models.init_cache(cfg, b, p + max_new_tokens)
+    tokens, segment_ids, positions = (sharding.constrain(x, ("act_batch", None))
+                                      for x in (tokens, segment_ids, positions))
+    cache = _constrain_cache(models.init_cache(cfg, b, p + max_new_tokens))
     logits, cache = models.forward(params, tokens, cfg, positions=positions,
                                    segment_ids=segment_ids, cache=cache)
+    cache = _constrain_cache(cache)
     next_pos = positions[:, -1] + 1
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
     def emit(i, logits, key, done, out, logps, lengths):
         key, sub = jax.random.split(key)
-        tok = _choose(logits, sub, temperature, top_k, top_p)
+        if greedy:
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
+            tok = jax.random.categorical(sub, filtered).astype(jnp.int32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
                                    tok[:, None], axis=-1)[:, 0]
         tok = jnp.where(done, pad_id, tok)
+        if stream:
+            jax.debug.callback(_stream, i, tok, ~done)
         out = out.at[:, i].set(tok)
         logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
         lengths = lengths + (~done)
@@ -92,6 +133,7 @@ def _generate(params, tokens, segment_ids, positions, max_lens, key, *, cfg, max
         pos = (next_pos + i - 1)[:, None]
         logits, cache = models.forward(params, tok[:, None], cfg, positions=pos,
                                        segment_ids=jnp.ones_like(tok[:, None]), cache=cache)
+        cache = _constrain_cache(cache)
         tok, key, done, out, logps, lengths = emit(i, logits[:, -1], key, done, out, logps, lengths)
         return i + 1, tok, cache, key, done, out, logps, lengths
 
@@ -100,24 +142,73 @@ def _generate(params, tokens, segment_ids, positions, max_lens, key, *, cfg, max
     return out, logps, lengths
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "stop_tokens", "pad_id", "stream",
+    "mesh", "rules"))
+def _generate(params, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *, cfg,
+              max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream, mesh, rules):
+    static = dict(cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                  use_top_p=use_top_p, stop_tokens=stop_tokens, pad_id=pad_id, stream=stream)
+    args = (params, tokens, segment_ids, positions, max_lens, key, temperature, top_p)
+    if mesh is None:
+        return _decode(*args, **static)
+    # The mesh is a static argument (not only the context at trace time), so the same call
+    # inside and outside `sharding.use` never shares a compilation.
+    with sharding.use(mesh, rules):
+        out = _decode(*args, **static)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.lax.with_sharding_constraint(out, replicated)
+
+
+def _params_mesh(params):
+    """The active mesh and rules, else the mesh the params are sharded on (default rules)."""
+    mesh, rules = sharding.current()
+    if mesh is not None:
+        return (mesh, rules) if mesh.size > 1 else (None, None)
+    leaf = jax.tree.leaves(params)[0]
+    placed = getattr(leaf, "sharding", None)
+    if isinstance(placed, jax.sharding.NamedSharding) and placed.mesh.size > 1:
+        from jaxllm.config import ShardingRules
+        return placed.mesh, ShardingRules()
+    return None, None
+
+
 def generate(params, cfg: models.ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, key=None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), max_lengths=None,
-             pad_id: int = 0) -> dict:
+             pad_id: int = 0, pad_multiple: int = 16,
+             on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> dict:
     """Sample continuations of token-id prompts.
 
     Returns numpy {tokens [B, max_new_tokens] (pad_id after a sequence ends), logprobs (model
     log-probabilities of the chosen tokens, 0 after the end), lengths [B] (tokens generated,
-    the stop token included)}. temperature 0 is greedy; a fixed key gives fixed samples."""
-    tokens, seg, pos = pad_prompts(prompts, pad_id)
-    if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"generate: prompt ({tokens.shape[1]}) + max_new_tokens "
+    the stop token included)}. temperature 0 is greedy; a fixed key gives fixed samples.
+    on_token(tokens [B], emitted [B]) is called as each step's tokens come out (streaming);
+    emitted is False for rows that had already ended."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got "
+                         f"{temperature}, {top_p}, {top_k})")
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"generate: prompt ({longest}) + max_new_tokens "
                          f"({max_new_tokens}) exceeds model.max_seq_len={cfg.max_seq_len}")
+    tokens, seg, pos = pad_prompts(prompts, pad_id, pad_multiple)
     max_lens = np.full((len(prompts),), max_new_tokens, np.int32) if max_lengths is None else \
         np.minimum(np.asarray(max_lengths, np.int32), max_new_tokens)
     key = jax.random.key(0) if key is None else key
-    out, logps, lengths = _generate(
-        params, tokens, seg, pos, max_lens, key, cfg=cfg, max_new_tokens=max_new_tokens,
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+    mesh, rules = _params_mesh(params)
+    if on_token is not None:
+        _LISTENERS.append(_InOrder(on_token))
+    try:
+        out, logps, lengths = _generate(
+            params, tokens, seg, pos, max_lens, key, np.float32(temperature or 1.0),
+            np.float32(top_p), cfg=cfg, max_new_tokens=max_new_tokens,
+            greedy=temperature == 0.0, top_k=int(top_k), use_top_p=top_p < 1.0,
+            stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id),
+            stream=on_token is not None, mesh=mesh, rules=rules)
+        if on_token is not None:
+            jax.effects_barrier()  # every callback has run before we return
+    finally:
+        if on_token is not None:
+            _LISTENERS.pop()
     return {"tokens": np.asarray(out), "logprobs": np.asarray(logps), "lengths": np.asarray(lengths)}

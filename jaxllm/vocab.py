@@ -12,15 +12,19 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import train_sentencepiece
 
 
 def extend_sentencepiece(base_model: str | Path, texts, new_pieces: int, out: str | Path):
     """Write base + the missing pieces of a `new_pieces`-piece model trained on `texts` to `out`;
-    returns (out path, number of pieces added)."""
+    returns (out path, ids of the added pieces). Old ids keep their pieces."""
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
     base = spm_pb2.ModelProto()
     base.ParseFromString(Path(base_model).read_bytes())
+    if base.trainer_spec.model_type != spm_pb2.TrainerSpec.BPE:
+        # Appended pieces rank after the base's merges; a unigram model has no such order.
+        raise DataError(f"{base_model}: only BPE sentencepiece models can be extended")
     with tempfile.TemporaryDirectory() as tmp:
         new = spm_pb2.ModelProto()
         new.ParseFromString(train_sentencepiece(texts, new_pieces, Path(tmp) / "new").read_bytes())
@@ -37,21 +41,27 @@ def extend_sentencepiece(base_model: str | Path, texts, new_pieces: int, out: st
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(base.SerializeToString())
-    return out, added
+    return out, list(range(len(base.pieces) - added, len(base.pieces)))
 
 
-def resize_vocab(params: dict, new_vocab: int) -> dict:
-    """Params with embed_tokens (and an untied lm_head) grown to new_vocab; new rows are the
-    mean of the old ones, old rows unchanged."""
+def resize_vocab(params: dict, new_vocab: int, new_ids=None, mean_of: int | None = None) -> dict:
+    """Params with embed_tokens (and an untied lm_head) grown to new_vocab rows. The rows of
+    new_ids (default: the added rows) become the mean of the first `mean_of` rows (default:
+    all the old ones); every other row is kept as it was."""
     out = dict(params)
     emb = params["embed_tokens"]["embedding"]
-    extra = new_vocab - emb.shape[0]
-    if extra < 0:
-        raise ValueError(f"resize_vocab: {new_vocab} is smaller than the current {emb.shape[0]}")
-    rows = jnp.broadcast_to(emb.mean(0, keepdims=True), (extra, emb.shape[1])).astype(emb.dtype)
-    out["embed_tokens"] = {"embedding": jnp.concatenate([emb, rows])}
-    if "lm_head" in params:
-        w = params["lm_head"]["kernel"]  # [hidden, vocab]
-        cols = jnp.broadcast_to(w.mean(1, keepdims=True), (w.shape[0], extra)).astype(w.dtype)
-        out["lm_head"] = {"kernel": jnp.concatenate([w, cols], axis=1)}
+    old = emb.shape[0]
+    if new_vocab < old:
+        raise ValueError(f"resize_vocab: {new_vocab} is smaller than the current {old}")
+    ids = jnp.arange(old, new_vocab) if new_ids is None else jnp.asarray(new_ids, jnp.int32)
+    n = old if mean_of is None else mean_of
+
+    def grow(w):  # [vocab, hidden]
+        w = jnp.concatenate([w, jnp.zeros((new_vocab - old, w.shape[1]), w.dtype)])
+        mean = w[:n].astype(jnp.float32).mean(0).astype(w.dtype)
+        return w.at[ids].set(jnp.broadcast_to(mean, (ids.shape[0], w.shape[1])))
+
+    out["embed_tokens"] = {"embedding": grow(emb)}
+    if "lm_head" in params:  # kernel [hidden, vocab]
+        out["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T).T}
     return out

@@ -1,7 +1,10 @@
-"""Tokenizers behind one small interface: encode/decode plus bos/eos/pad ids and vocab size.
+"""Tokenizers behind one small interface: encode/decode, bos/eos/pad ids, vocab size, and chat
+templates (ChatMixin: apply_chat_template, assistant_spans, render_chat, encode_chat).
 
-`encode(text)` never adds BOS/EOS (packing adds them per data.tokenizer.add_bos/add_eos);
-`pad_id` fills padding and is never produced by `encode`."""
+`encode(text)` never adds BOS/EOS (packing adds them per data.tokenizer.add_bos/add_eos) and
+reads special-token strings as text; `encode_special(text)` maps them to their ids (for
+rendered chats). `pad_id` fills padding and is never produced by `encode`.
+`from_pretrained(path)` opens a tokenizer.json, a sentencepiece .model, or a model directory."""
 from __future__ import annotations
 
 import io
@@ -13,14 +16,21 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from jaxllm.data.chat_template import ChatMixin, split_special
 from jaxllm.data.sources import DataError
 
 
-class ByteTokenizer:
+class ByteTokenizer(ChatMixin):
     """UTF-8 bytes shifted past three specials: pad=0, bos=1, eos=2 (vocab 259)."""
     pad_id, bos_id, eos_id = 0, 1, 2
     offset = 3
     vocab_size = 256 + offset
+    special_tokens = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+    _special_ids = {"<pad>": 0, "<s>": 1, "</s>": 2}
+
+    def encode_special(self, text: str) -> list[int]:
+        return [i for part in split_special(text, self._special_ids)
+                for i in ([part] if isinstance(part, int) else self.encode(part))]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -33,8 +43,9 @@ class ByteTokenizer:
         return data.decode("utf-8", "replace")
 
 
-class SentencePieceTokenizer:
-    """A sentencepiece model file; a model without a pad piece pads with id 0."""
+class SentencePieceTokenizer(ChatMixin):
+    """A sentencepiece model file; a model without a pad piece pads with id 0. A
+    tokenizer_config.json beside it (a Hugging Face directory) gives the chat template."""
 
     def __init__(self, path: str | Path):
         import sentencepiece as spm
@@ -48,9 +59,27 @@ class SentencePieceTokenizer:
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+        # Control pieces (<s>, </s>, <pad>) and <unk> never come out of sp.encode: rendered
+        # chats name them as text, which encode_special maps back to their ids.
+        self._special_ids = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                             if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.sp.unk_id(),
+                 "pad_token": self.sp.pad_id()}
+        self.special_tokens = {k: self.sp.id_to_piece(i) for k, i in names.items() if i >= 0}
+        from jaxllm.data.hf_tokenizer import read_tokenizer_config
+        special, self.chat_template = read_tokenizer_config(self.path.parent)
+        for text in special.values():  # e.g. a user-defined <|im_end|> piece
+            i = self.sp.piece_to_id(text)
+            if self.sp.id_to_piece(i) == text:
+                self._special_ids[text] = i
+        self.special_tokens |= special
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_special(self, text: str) -> list[int]:
+        return [i for part in split_special(text, self._special_ids)
+                for i in ([part] if isinstance(part, int) else self.sp.encode(part))]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)  # in C++, over all cores
@@ -119,8 +148,7 @@ def load_tokenizer(tok_cfg, run_dir: Path | None, train_texts: Callable[[], Iter
     if tok_cfg.kind == "hf":
         if not tok_cfg.path:
             raise DataError("data.tokenizer.path: kind hf needs a tokenizer.json or a model dir")
-        from jaxllm.data.hf_tokenizer import HFTokenizer
-        return HFTokenizer(tok_cfg.path)
+        return from_pretrained(tok_cfg.path)
     if tok_cfg.kind != "sentencepiece":
         raise DataError(f"data.tokenizer.kind: unknown kind {tok_cfg.kind!r}")
     if tok_cfg.path:
@@ -138,3 +166,18 @@ def load_tokenizer(tok_cfg, run_dir: Path | None, train_texts: Callable[[], Iter
         raise DataError(f"{model}: no trained tokenizer in the run directory")
     return SentencePieceTokenizer(train_sentencepiece(train_texts(), tok_cfg.vocab_size,
                                                       Path(run_dir) / "tokenizer"))
+
+
+def from_pretrained(path: str | Path):
+    """The tokenizer of a Hugging Face model directory (its tokenizer.json, else its
+    tokenizer.model), or of a tokenizer.json / sentencepiece .model file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return from_pretrained(path / name)
+        raise DataError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+    if path.suffix == ".json":
+        from jaxllm.data.hf_tokenizer import HFTokenizer
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
