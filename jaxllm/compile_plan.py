@@ -60,7 +60,8 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
     gen = topology.split(":")[0].lower()
     hbm = HBM_GIB.get(gen, float("nan")) * 1024**3
     head = {"topology": topology, "num_slices": num_slices, "chips": len(devices),
-            "mesh": sharding.describe(mesh), "remat": exp.model.remat, "hbm": hbm}
+            "mesh": sharding.describe(mesh), "remat": exp.model.remat,
+            "attention": exp.model.attention_impl, "batch": shape, "hbm": hbm}
     try:
         with sharding.use(mesh, exp.mesh.rules):
             compiled = train_step.jitted.lower(abstract, batch, None).compile()
@@ -83,7 +84,8 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
 def describe(p: dict) -> str:
     gib = 1024**3
     lines = [f"{p['topology']} x{p['num_slices']} slice(s), {p['chips']} chips, mesh {p['mesh']}, "
-             f"remat={p['remat']}"]
+             f"batch {p['batch'][0]} x {p['batch'][1]} tokens, remat={p['remat']}, "
+             f"attention={p['attention']}"]
     if "error" in p:
         lines.append(f"XLA: {p['error']}")
     else:
@@ -94,9 +96,19 @@ def describe(p: dict) -> str:
     if p["fits"]:
         lines.append("fits")
     else:
-        lines.append("DOES NOT FIT: try model.remat=full (or save_dots), a larger mesh.ici.fsdp, "
-                     "a smaller train.batch_size with train.grad_accum, or more chips")
+        lines.append("DOES NOT FIT: try " + ", ".join(knobs(p)))
     return "\n".join(lines)
+
+
+def knobs(p: dict) -> list[str]:
+    """What to change when a plan does not fit, most effective first."""
+    out = []
+    if p["remat"] != "full":
+        out.append("model.remat=full" + (" (or save_dots)" if p["remat"] == "none" else ""))
+    if p.get("attention") == "reference":
+        out.append("model.attention_impl=flash (no [seq, seq] scores in HBM)")
+    return out + ["a larger mesh.ici.fsdp", "a smaller train.batch_size with train.grad_accum",
+                  "mesh.ici.sequence for long sequences", "more chips"]
 
 
 def with_remat(exp: Experiment, remat: str) -> Experiment:

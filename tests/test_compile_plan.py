@@ -28,3 +28,35 @@ def test_bad_topology_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["compile", str(tmp_path / "c.yaml"), *SMALL, "--topology", "v9z:1x1"])
     assert e.value.code == 2 and "v9z:1x1" in capsys.readouterr().err
+
+
+@pytest.mark.tpu_aot
+def test_tpu_mesh_presets_match_libtpu_topologies():
+    """libtpu's own description of each preset's topology has the preset's device count, and
+    the mesh puts dcn axes across slices (each slice holds whole fsdp groups)."""
+    from jaxllm import sharding
+    from jaxllm.mesh_presets import MESH_PRESETS
+    for name, p in MESH_PRESETS.items():
+        if p.get("topology"):
+            slices = p.get("num_slices", 1)
+            devices = compile_plan.topology_devices(p["topology"], slices)
+            assert len(devices) == p["devices"], name
+            assert len({getattr(d, "slice_index", 0) for d in devices}) == slices, name
+            mesh = sharding.make_mesh(config.load(None, [f"mesh.preset={name}"]).mesh, devices)
+            assert mesh.shape["data"] == slices and mesh.shape["fsdp"] == p["devices"] // slices
+            for group in mesh.devices.reshape(slices, -1):  # data-major: one slice per row
+                assert len({getattr(d, "slice_index", 0) for d in group}) == 1, name
+
+
+def test_a_plan_that_does_not_fit_names_the_knobs_left():
+    gib = 1024**3
+    p = {"topology": "v5p:4x4x4", "num_slices": 1, "chips": 64, "mesh": "fsdp=64",
+         "remat": "save_dots", "attention": "reference", "batch": (128, 8192), "hbm": 95 * gib,
+         "arguments": gib, "outputs": gib, "aliased": gib, "temporaries": 124 * gib,
+         "total": 125 * gib, "fits": False, "flops_per_chip": 1e14}
+    text = compile_plan.describe(p)
+    assert "batch 128 x 8192 tokens, remat=save_dots, attention=reference" in text
+    assert "DOES NOT FIT: try model.remat=full, model.attention_impl=flash" in text
+    text = compile_plan.describe({**p, "remat": "full", "attention": "flash"})
+    assert "remat=full," not in text.splitlines()[-1] and "attention_impl" not in text.splitlines()[-1]
+    assert "mesh.ici.sequence" in text

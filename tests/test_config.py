@@ -79,6 +79,25 @@ def test_missing_file_and_bad_sweep(tmp_path):
         load_sweep(s)
 
 
+def _hardware_devices(name: str, p: dict) -> int:
+    """Devices from the hardware's own name/topology, not the preset's count: TPU topologies
+    count chips (one jax device each), v5p names count TensorCores (2 per chip), v5e/v6e names
+    count chips; GPU names count GPUs per node and nodes."""
+    import math
+    import re
+    if p.get("topology"):
+        gen, dims = p["topology"].split(":")
+        chips = math.prod(int(d) for d in dims.split("x")) * p.get("num_slices", 1)
+        named = re.fullmatch(r"(v\d+[a-z]*)-(\d+)(?:x(\d+))?", name)
+        assert named and named[1] == gen, name
+        per_chip = 2 if gen == "v5p" else 1
+        assert chips == int(named[2]) // per_chip * int(named[3] or 1), name
+        return chips
+    m = re.fullmatch(r"(?:h100|cpu)-(\d+)(?:x(\d+))?", name)
+    assert m, name
+    return int(m[1]) * int(m[2] or 1)
+
+
 def test_mesh_presets_resolve_and_match_their_hardware():
     import math
 
@@ -86,12 +105,34 @@ def test_mesh_presets_resolve_and_match_their_hardware():
     from jaxllm.sharding import resolve_axis_sizes
     for name, p in MESH_PRESETS.items():
         exp = config.load(None, [f"mesh.preset={name}"])
+        assert exp.mesh.devices == p["devices"] == _hardware_devices(name, p), name
         slices = math.prod(p.get("dcn", {}).values())  # TPU slices or GPU nodes
+        assert slices == p.get("num_slices", slices)
         ici, dcn = resolve_axis_sizes(exp.mesh, p["devices"], slices)
-        assert exp.mesh.devices == p["devices"]
         assert math.prod(ici) * math.prod(dcn) == p["devices"], name
     exp = config.load(None, ["mesh.preset=v5e-256", "mesh.ici.tensor=4"])
     assert (exp.mesh.ici.fsdp, exp.mesh.ici.tensor, exp.mesh.topology) == (-1, 4, "v5e:16x16")
+    exp = config.load(None, ["mesh.preset=h100-4x8", "mesh.dcn.data=2", "mesh.dcn.fsdp=2"])
+    assert (exp.mesh.ici.fsdp, exp.mesh.dcn.data, exp.mesh.dcn.fsdp) == (8, 2, 2)
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if p.parent.name in ("tpu", "gpu")],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_hardware_configs_lay_out_on_their_hardware(path):
+    """Each TPU/GPU experiment's mesh fills its preset's devices, and its batch and sequence
+    split evenly over the mesh (so a launch cannot fail on shapes)."""
+    import math
+
+    from jaxllm.sharding import AXES, resolve_axis_sizes
+    exp = config.load(path)
+    assert exp.mesh.preset and exp.mesh.devices, "hardware configs name a mesh preset"
+    slices = math.prod(getattr(exp.mesh.dcn, a) for a in AXES)
+    ici, dcn = resolve_axis_sizes(exp.mesh, exp.mesh.devices, slices)
+    size = {a: i * d for a, i, d in zip(AXES, ici, dcn)}
+    shards = size["data"] * size["fsdp"]
+    assert exp.train.batch_size % exp.train.grad_accum == 0
+    assert (exp.train.batch_size // exp.train.grad_accum) % shards == 0
+    assert exp.data.seq_len % size["sequence"] == 0 and exp.data.seq_len <= exp.model.max_seq_len
 
 
 def test_unknown_mesh_preset_and_wrong_hardware_are_clear_errors():
