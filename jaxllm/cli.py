@@ -106,19 +106,21 @@ def cmd_convert(args) -> None:
     if sum(map(bool, (args.from_hf, args.to_hf, args.to_peft))) != 1:
         raise FileNotFoundError("convert: give exactly one of --from-hf DIR, --to-hf RUN_DIR or "
                                 "--to-peft RUN_DIR")
-    if args.to_peft:
-        from jaxllm.interop.peft import save_adapter
-        from jaxllm.train.checkpoint import restore_run_params
-        exp, params = restore_run_params(args.to_peft, args.step)
-        if not exp.lora.rank:
-            raise ValueError(f"convert --to-peft: {args.to_peft} is not a LoRA run (lora.rank=0)")
-        print(f"wrote {save_adapter(params['lora'], exp.lora, args.out)} (base: the run's "
-              f"model.init_from, {exp.model.init_from or 'a fresh init'})")
+    if args.to_peft:  # LoRA adapters or a soft prompt (and the base, when it is not HF already)
+        from jaxllm.interop.peft import export_run
+        print(export_run(args.to_peft, args.out, args.step))
         return
     if args.to_hf:
         from jaxllm.cli_generate import load_model
         # LoRA runs export merged (base + scale * B A); reward runs as sequence classifiers.
         cfg, params, tokenizer, _ = load_model(args.to_hf, None, step=args.step, keep_heads=True)
+        if "soft_prompt" in params:
+            raise hf.HFFormatError(f"convert --to-hf: {args.to_hf} is a prompt-tuning run; a plain "
+                                   "Hugging Face model cannot hold its soft prompt: use --to-peft")
+        if "score" in params and tokenizer.pad_id == tokenizer.eos_id:
+            print(f"warning: pad_token_id = eos_token_id = {tokenizer.pad_id}: transformers reads "
+                  "the score at the last token that is not padding, so pad with another id",
+                  file=sys.stderr)
         tok = Path(args.to_hf) / "tokenizer.model"
         out = hf.save(cfg, params, args.out, dtype=args.dtype, pad_token_id=tokenizer.pad_id)
         if tok.is_file():
@@ -178,28 +180,12 @@ def cmd_tokenizer_extend(args) -> None:
 
 
 def cmd_lora_extract(args) -> None:
-    """A LoRA adapter of the tuned model's difference from the base (PEFT format)."""
-    import numpy as np
-    from jaxllm import lora
-    from jaxllm.cli_generate import load_model
+    """A LoRA adapter of the tuned model's difference from the base (jaxllm/lora_extract.py)."""
+    from jaxllm import lora_extract
     from jaxllm.config import LoraConfig
-    from jaxllm.interop.peft import save_adapter
-
-    def load(src):
-        kind, _, where = src.partition(":")
-        if kind not in ("run", "hf") or not where:
-            raise ValueError(f"lora extract: expected run:DIR or hf:DIR, got {src!r}")
-        return load_model(where if kind == "run" else None, where if kind == "hf" else None)[:2]
-    (cfg, base), (cfg_t, tuned) = load(args.base), load(args.tuned)
-    if cfg.replace(init_from=None, preset=None) != cfg_t.replace(init_from=None, preset=None):
-        raise ValueError("lora extract: base and tuned models have different shapes")
-    lcfg = LoraConfig(rank=args.rank, alpha=float(args.alpha or args.rank),
+    lcfg = LoraConfig(rank=args.rank, alpha=float(args.alpha or args.rank), rslora=args.rslora,
                       targets=tuple(args.targets.split(",")))
-    adapters, kept = lora.extract(base, tuned, lcfg)
-    save_adapter(adapters, lcfg, args.out)
-    for name, frac in sorted(kept.items()):
-        print(f"{name:40s} {100 * frac:6.2f}% of the difference kept")
-    print(f"overall (mean over modules): {100 * np.mean(list(kept.values())):.2f}%; wrote {args.out}")
+    print(lora_extract.run(args.base, args.tuned, lcfg, args.out, args.run_dir))
 
 
 def cmd_compile(args) -> None:
@@ -297,13 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--rank", type=int, required=True)
     le.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1)")
     le.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    le.add_argument("--out", required=True)
+    le.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank)")
+    le.add_argument("--out", required=True, help="the adapter in PEFT's format")
+    le.add_argument("--run-dir", default=None,
+                    help="also a jaxllm LoRA run over the base (for generate, convert, training)")
     le.set_defaults(fn=cmd_lora_extract)
 
     cv = sub.add_parser("convert", help="Hugging Face <-> jaxllm checkpoints")
     cv.add_argument("--from-hf", help="a local HF model directory (config.json + safetensors)")
     cv.add_argument("--to-hf", help="a jaxllm run directory (its latest checkpoint)")
-    cv.add_argument("--to-peft", help="a LoRA run directory: its adapter in PEFT's format")
+    cv.add_argument("--to-peft", help="a LoRA or prompt-tuning run directory: its adapter in "
+                    "PEFT's format (and its base in HF format under OUT/base unless it is HF)")
     cv.add_argument("--out", required=True)
     cv.add_argument("--step", type=int, default=None, help="with --to-hf: this step, not the latest")
     cv.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")

@@ -162,22 +162,36 @@ def extract(base, tuned, lcfg: LoraConfig):
     """Adapters of rank lcfg.rank approximating tuned - base on the targeted kernels, by
     truncated SVD per layer (singular values split as sqrt into A and B). Returns (adapters,
     {module path: fraction of the difference's squared Frobenius norm kept}); the best rank-r
-    approximation keeps the r largest squared singular values (Eckart-Young)."""
+    approximation keeps the r largest squared singular values (Eckart-Young). One layer's
+    difference is in host memory (float64) at a time."""
     import numpy as np
     s = scale(lcfg)
     flat_base, flat_tuned = _targets(base, lcfg), _targets(tuned, lcfg)
     out, kept = {}, {}
     for path, w in flat_base.items():
-        diff = np.asarray(flat_tuned[path], np.float64) - np.asarray(w, np.float64)
-        lead = diff.shape[:-2]
-        d = diff.reshape(-1, *diff.shape[-2:])
-        u, sv, vt = np.linalg.svd(d, full_matrices=False)
-        r = min(lcfg.rank, sv.shape[-1])
-        root = np.sqrt(sv[:, :r])
-        a = u[:, :, :r] * root[:, None, :]
-        b = root[:, :, None] * vt[:, :r, :] / s
-        total = (sv ** 2).sum()
-        kept["/".join(path)] = float((sv[:, :r] ** 2).sum() / total) if total > 0 else 1.0
-        out[path] = {"a": jnp.asarray(a.reshape(*lead, *a.shape[-2:]), jnp.float32),
-                     "b": jnp.asarray(b.reshape(*lead, *b.shape[-2:]), jnp.float32)}
+        t = flat_tuned[path]
+        lead = w.shape[:-2]
+        a_parts, b_parts, sq_kept, sq_total = [], [], 0.0, 0.0
+        for i in np.ndindex(*lead):
+            diff = np.asarray(t[i], np.float64) - np.asarray(w[i], np.float64)
+            u, sv, vt = np.linalg.svd(diff, full_matrices=False)
+            r = min(lcfg.rank, sv.shape[0])  # past the matrix's rank, A and B are zero-padded
+            root = np.sqrt(sv[:r])
+            a, b = np.zeros((diff.shape[0], lcfg.rank)), np.zeros((lcfg.rank, diff.shape[1]))
+            a[:, :r], b[:r] = u[:, :r] * root, root[:, None] * vt[:r] / s
+            a_parts.append(a)
+            b_parts.append(b)
+            sq_kept, sq_total = sq_kept + (sv[:r] ** 2).sum(), sq_total + (sv ** 2).sum()
+        kept["/".join(path)] = float(sq_kept / sq_total) if sq_total > 0 else 1.0
+        out[path] = {"a": jnp.asarray(np.stack(a_parts).reshape(*lead, *a.shape), jnp.float32),
+                     "b": jnp.asarray(np.stack(b_parts).reshape(*lead, *b.shape), jnp.float32)}
     return _nested(out), kept
+
+
+def difference_energy(base, tuned, lcfg: LoraConfig) -> dict:
+    """{module path: squared Frobenius norm of tuned - base} on the targeted kernels: weights
+    for an overall fraction kept, sum(kept[m] * energy[m]) / sum(energy.values())."""
+    flat_tuned = _targets(tuned, lcfg)
+    return {"/".join(p): float(jnp.sum(jnp.square(flat_tuned[p].astype(jnp.float32)
+                                                  - w.astype(jnp.float32))))
+            for p, w in _targets(base, lcfg).items()}

@@ -289,54 +289,6 @@ def test_reward_model_exports_as_a_sequence_classifier_transformers_reproduces(t
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_peft_loads_our_adapter_onto_the_exported_base_with_equal_logits(tmp_path):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    import transformers
-
-    from jaxllm.interop import hf
-    from jaxllm.interop.peft import save_adapter
-
-    exp = config.load(None, TINY)
-    base = models.init(exp.model, jax.random.key(0))
-    lcfg = LoraConfig(rank=4, alpha=8.0, rslora=True, targets=("q_proj", "v_proj", "down_proj"))
-    adapters = lora.init(lora.abstract(base, lcfg), jax.random.key(1))
-    adapters = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape),
-                            adapters)  # B no longer zero
-    hf.save(exp.model, base, tmp_path / "base")
-    save_adapter(adapters, lcfg, tmp_path / "adapter")
-    tokens = np.arange(25)[None] % 259
-    ours = np.asarray(models.forward(lora.apply(base, adapters, lcfg), jnp.asarray(tokens),
-                                     exp.model)[0])
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
-                                                              torch_dtype=torch.float32)
-    model = peft.PeftModel.from_pretrained(model, tmp_path / "adapter")
-    with torch.no_grad():
-        ref = model(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
-    assert not np.allclose(ours, np.asarray(models.forward(base, jnp.asarray(tokens), exp.model)[0]),
-                           atol=1e-3)  # the adapter matters
-
-
-def test_lora_extract_recovers_a_low_rank_difference_and_reports_energy():
-    exp = config.load(None, TINY)
-    base = models.init(exp.model, jax.random.key(0))
-    lcfg = LoraConfig(rank=3, alpha=6.0, targets=("q_proj", "up_proj"))
-    true = jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.key(5), x.shape),
-                        lora.abstract(base, lcfg))
-    tuned = lora.merge(base, true, lcfg)  # differs from base by exactly rank 3 per layer
-    adapters, kept = lora.extract(base, tuned, lcfg)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
-                 lora.merge(base, adapters, lcfg), tuned)
-    assert all(k == pytest.approx(1.0, abs=1e-6) for k in kept.values())
-    # A full-rank difference: rank 2 keeps exactly the top-2 squared singular values.
-    noisy = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(6), x.shape), base)
-    _, kept = lora.extract(base, noisy, dataclasses.replace(lcfg, rank=2))
-    d = np.asarray(noisy["layers"]["self_attn"]["q_proj"]["kernel"] - base["layers"]["self_attn"]["q_proj"]["kernel"], np.float64)
-    sv = np.linalg.svd(d, compute_uv=False)
-    assert kept["layers/self_attn/q_proj"] == pytest.approx((sv[:, :2] ** 2).sum() / (sv ** 2).sum(), rel=1e-4)
-
-
 def test_prompt_tuning_trains_only_the_soft_prompt(tmp_path):
     from jaxllm.tasks.base import model_params
     from jaxllm.train import loop
