@@ -42,7 +42,7 @@ def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = No
     _, frozen = base_and_frozen(exp, get_task(exp.task), mesh, need_base=False)
     tok = load_tokenizer(exp.data.tokenizer, Path(checkpoint), None)
     heads = {k: v for k, v in params.items() if k == "score"} if keep_heads else {}
-    out = exp.model, model_params(exp, params, frozen) | heads, tok, [tok.eos_id]
+    out = exp.model, model_params(exp, params, frozen, merged=True) | heads, tok, [tok.eos_id]
     return out + ((mesh, exp.mesh.rules),) if with_mesh else out
 
 

@@ -48,15 +48,16 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
     devices = topology_devices(topology, num_slices)
     mesh = sharding.make_mesh(exp.mesh, devices)
     optimizer = make_optimizer(exp.optimizer, exp.train.steps)
-    abstract = step_lib.abstract_state(exp, optimizer, mesh)
+    task = get_task(exp.task)
+    abstract = step_lib.abstract_state(exp, optimizer, mesh, task.param_spec(exp))
     bsh = sharding.batch_sharding(mesh, exp.mesh.rules)
     shape = (exp.train.batch_size, exp.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                      sharding=bsh)
-             for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
-    loss_fn = get_task(exp.task).loss_fn(exp)
-    train_step = step_lib.make_train_step(exp, loss_fn, optimizer,
-                                          schedule(exp.optimizer, exp.train.steps), mesh, abstract)
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bsh)
+             for k, x in task.abstract_batch(exp, exp.train.batch_size).items()}
+    frozen = abstract_frozen(exp, task, mesh)
+    train_step = step_lib.make_train_step(exp, task.loss_fn(exp), optimizer,
+                                          schedule(exp.optimizer, exp.train.steps), mesh, abstract,
+                                          frozen)
     gen = topology.split(":")[0].lower()
     hbm = HBM_GIB.get(gen, float("nan")) * 1024**3
     head = {"topology": topology, "num_slices": num_slices, "chips": len(devices),
@@ -64,7 +65,7 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
             "attention": exp.model.attention_impl, "batch": shape, "hbm": hbm}
     try:
         with sharding.use(mesh, exp.mesh.rules):
-            compiled = train_step.jitted.lower(abstract, batch, None).compile()
+            compiled = train_step.jitted.lower(abstract, batch, frozen).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -79,6 +80,29 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
             "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
             "total": total, "fits": total <= hbm,
             "flops_per_chip": float(cost.get("flops", float("nan")))}
+
+
+def abstract_frozen(exp: Experiment, task, mesh):
+    """The task's frozen trees (a LoRA base, a DPO reference) as ShapeDtypeStructs placed like
+    the model's params; an int8 kernel like its float kernel, its per-channel scale replicated."""
+    from jaxllm.train import step as step_lib
+    if not task.needs_frozen(exp):
+        return None
+    model = step_lib.with_shardings(*step_lib.model_spec(exp), mesh, exp.mesh.rules)
+    shapes = jax.eval_shape(lambda base: task.frozen(exp, base, mesh), model)
+    placed = {tuple(k.key for k in path): x.sharding
+              for path, x in jax.tree_util.tree_flatten_with_path(model)[0]}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(path, x):
+        keys = tuple(k.key for k in path)[1:]  # under "base", "ref", ...
+        if keys[-1] in ("int8", "scale"):
+            keys, part = keys[:-1], keys[-1]
+        else:
+            part = None
+        where = replicated if part == "scale" else placed.get(keys, replicated)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+    return jax.tree_util.tree_map_with_path(place, shapes)
 
 
 def describe(p: dict) -> str:

@@ -182,6 +182,9 @@ class DPOConfig:
     loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0  # sigmoid only: robust DPO with noisy preference labels
     reference_free: bool = False  # the reference log-probs are taken as 0
+    # One pass of the reference over the data before training (stored in the run directory);
+    # the loss then reads them, and full fine-tuning keeps no frozen copy in memory.
+    precompute_reference: bool = False
     sft_weight: float = 0.0  # + w * per-token NLL of the chosen answers (RPO; TRL's rpo_alpha)
 
 
@@ -409,6 +412,9 @@ def from_dict(raw: dict, source: str = "<dict>", lines: dict[str, str] | None = 
     if tr.batch_size % tr.grad_accum:
         raise ConfigError(f"{here('train.grad_accum')}: {tr.grad_accum} does not divide "
                           f"train.batch_size={tr.batch_size}")
+    if exp.dpo.precompute_reference and exp.dpo.reference_free:
+        raise ConfigError(f"{here('dpo.precompute_reference')}: nothing to precompute with "
+                          "dpo.reference_free=true")
     if exp.data.seq_len > exp.model.max_seq_len:
         raise ConfigError(f"{here('data.seq_len')}: {exp.data.seq_len} exceeds "
                           f"model.max_seq_len={exp.model.max_seq_len}")

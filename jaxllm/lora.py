@@ -2,9 +2,11 @@
 
 Adapters mirror the params tree: for every targeted projection (by module name, e.g. q_proj)
 there is {"a": [..., in, r], "b": [..., r, out]}, stacked over layers like the kernel they
-adapt. `apply` returns params whose targeted kernels are W + scale * A @ B, so every model
-function works unchanged; A is random and B zero, so step 0 equals the base model. The base is
-frozen: only the adapters reach the optimizer."""
+adapt. `attach` puts them beside their kernels for the model's layers to add x A B in the
+forward pass (no merged copy of the weights in memory; training uses it); `apply`/`merge`
+return params whose targeted kernels are W + scale * A @ B (export, generation). A is random
+and B zero, so step 0 equals the base model. The base is frozen: only the adapters reach the
+optimizer."""
 from __future__ import annotations
 
 import math
@@ -25,9 +27,7 @@ def _targets(tree, lcfg: LoraConfig):
     """{path tuple: leaf} of the adaptable leaves whose module name is targeted."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_quantized)[0]:
-        keys = tuple(p.key for p in path)
-        if _is_quantized(leaf):
-            keys = keys + ("kernel",)
+        keys = tuple(p.key for p in path)  # an int8 kernel's dict sits at the kernel's path
         if keys[-1] in ADAPTABLE and len(keys) >= 2 and keys[-2] in lcfg.targets:
             out[keys[:-1]] = leaf
     return out
@@ -101,19 +101,47 @@ def delta(adapter, s: float):
 
 def apply(base, adapters, lcfg: LoraConfig, sign: float = 1.0):
     """Params with W + sign * scale * A @ B on every adapted kernel (int8 bases dequantised)."""
-    s = sign * scale(lcfg)
     flat_adapters = _flat(adapters)
+    s = sign * scale(lcfg) if flat_adapters else 0.0
 
     def visit(path, leaf):
         keys = tuple(p.key for p in path)
         w = dequantize(leaf) if _is_quantized(leaf) else leaf
-        if _is_quantized(leaf):
-            keys = keys + ("kernel",)
         ad = flat_adapters.get(keys[:-1])
-        if ad is None:
+        if ad is None or keys[-1] not in ADAPTABLE:  # a module's bias is not adapted
             return w
         return (w.astype(jnp.float32) + delta(ad, s)).astype(w.dtype)
     return jax.tree_util.tree_map_with_path(visit, base, is_leaf=_is_quantized)
+
+
+def attach(base, adapters, lcfg: LoraConfig):
+    """Params for the forward pass with the adapters inside the layers: beside each adapted
+    kernel W go lora_a = A and lora_b = scale * B, and the model's Dense computes x W + (x A) B
+    (models/llama.py _TokenDense), so W + scale A B, a second copy of every adapted weight, is
+    never formed. An int8 kernel stays int8 beside its kernel_scale (dequantised in the product).
+    Embedding adapters are merged (a lookup has no low-rank product). The same model as
+    apply() gives."""
+    flat_adapters = _flat(adapters)
+    s = scale(lcfg) if flat_adapters else 0.0
+    out = base
+    if ("embed_tokens",) in flat_adapters:
+        emb = base["embed_tokens"]["embedding"]
+        merged = emb.astype(jnp.float32) + delta(flat_adapters[("embed_tokens",)], s)
+        out = base | {"embed_tokens": {"embedding": merged.astype(emb.dtype)}}
+
+    def visit(node, path):
+        if not isinstance(node, dict) or _is_quantized(node):
+            return node
+        if "kernel" in node:
+            w, node = node["kernel"], dict(node)
+            if _is_quantized(w):
+                node["kernel"], node["kernel_scale"] = w["int8"], w["scale"]
+            ad = flat_adapters.get(path)
+            if ad is not None:
+                node["lora_a"], node["lora_b"] = ad["a"], s * ad["b"]
+            return node
+        return {k: visit(v, path + (k,)) for k, v in node.items()}
+    return visit(out, ())
 
 
 def merge(base, adapters, lcfg: LoraConfig):

@@ -128,6 +128,12 @@ def constrain(x: jax.Array, names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def sequence_sharded() -> bool:
+    """Whether activations are split along the sequence (act_length) on the active mesh."""
+    mesh, rules = current()
+    return mesh is not None and _shards("act_length", mesh, rules) > 1
+
+
 def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: ShardingRules):
     """NamedShardings for a tree of logical-name tuples, given the matching shapes."""
     is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
@@ -144,9 +150,16 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
 
 def batch_shards(mesh: Mesh, rules: ShardingRules) -> int:
     """How many ways the batch dimension is split (the global batch must divide by it)."""
-    spec = logical_to_spec(("act_batch",), rules, mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(mesh.shape[a] for a in axes)
+    return _shards("act_batch", mesh, rules)
+
+
+def _shards(name: str, mesh: Mesh, rules: ShardingRules) -> int:
+    return math.prod(mesh.shape[a] for a in spec_axes(logical_to_spec((name,), rules, mesh)[0]))
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def describe(mesh: Mesh) -> str:

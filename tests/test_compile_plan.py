@@ -12,7 +12,7 @@ SMALL = ["model.preset=tiny", "model.num_layers=2", "data.seq_len=512", "train.b
 @pytest.mark.slow
 @pytest.mark.tpu_aot
 def test_memory_plan_for_a_tpu_slice_and_remat_differences():
-    exp = config.load(None, SMALL)
+    exp = config.load(None, [*SMALL, "model.num_layers=4"])  # activations outweigh the head
     plans = {r: compile_plan.plan(compile_plan.with_remat(exp, r), "v5e:2x2")
              for r in ("none", "full")}
     none, full = plans["none"], plans["full"]
@@ -20,6 +20,22 @@ def test_memory_plan_for_a_tpu_slice_and_remat_differences():
     assert none["arguments"] > 0 and none["flops_per_chip"] > 0 and none["fits"]
     assert full["temporaries"] < none["temporaries"]  # full remat really saves activations
     assert full["flops_per_chip"] > none["flops_per_chip"]  # ... by recomputing them
+
+
+@pytest.mark.tpu_aot
+def test_plans_for_tasks_with_frozen_models_and_pair_batches():
+    """LoRA over an int8 base (adapters inside the layers: the kernels stay int8, sharded like
+    the float ones) and full DPO (a frozen reference, preference-pair batches) compile; the
+    LoRA step's inputs (int8 base, adapters and their moments) are a fraction of full
+    training's (params and two fp32 moments)."""
+    small = [*SMALL, "data.seq_len=256"]
+    full = compile_plan.plan(config.load(None, [*small, "task=sft"]), "v5e:2x2")
+    lora = compile_plan.plan(config.load(None, [*small, "task=sft", "lora.rank=8",
+                                                "lora.base_dtype=int8"]), "v5e:2x2")
+    dpo = compile_plan.plan(config.load(None, [*small, "task=dpo"]), "v5e:2x2")
+    assert lora["fits"] and dpo["fits"] and full["fits"]
+    assert lora["arguments"] < full["arguments"] / 4
+    assert dpo["arguments"] > full["arguments"]  # the frozen reference is an argument
 
 
 @pytest.mark.tpu_aot

@@ -57,15 +57,20 @@ def segments(batch):
 
 # ----------------------------------------------------------------------------- sources
 
-def test_sources_txt_jsonl_globs_and_pydoc(tmp_path):
+def test_sources_txt_jsonl_parquet_globs_and_pydoc(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     (tmp_path / "b.txt").write_text("para one\nstill one\n\n   \npara two\n")
     (tmp_path / "a.txt").write_text("\ufeffwhole file\n")
     (tmp_path / "c.jsonl").write_text('{"text": "j1", "id": 1}\n\n{"text": "j2"}\n{"text": " "}\n')
-    one = DataConfig(sources=(str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl")))
+    pq.write_table(pa.table({"text": ["p1", "p2"], "id": [1, 2]}), tmp_path / "d.parquet")
+    one = DataConfig(sources=(str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl"),
+                              str(tmp_path / "d.parquet")))
     assert data.read_documents(one) == ["whole file\n", "para one\nstill one\n\n   \npara two\n", "j1",
-                                      "j2"]
+                                      "j2", "p1", "p2"]
     split = dataclasses.replace(one, split_paragraphs=True)
-    assert data.read_documents(split) == ["whole file", "para one\nstill one", "para two", "j1", "j2"]
+    assert data.read_documents(split) == ["whole file", "para one\nstill one", "para two", "j1", "j2",
+                                          "p1", "p2"]
     pydoc = data.read_documents(DataConfig(sources=("builtin:pydoc",)))
     assert len(pydoc) > 50 and pydoc == data.read_documents(DataConfig())
     assert any(d.startswith("The \"for\" statement") for d in pydoc)

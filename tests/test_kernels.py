@@ -137,11 +137,13 @@ def test_bad_arguments_are_refused_up_front(kwargs, shapes, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
+@pytest.mark.parametrize("mesh_sizes", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2),
+                                        dict(fsdp=4, sequence=2)])
 def test_model_with_flash_attention_matches_reference_on_a_mesh(mesh_sizes):
     """attention_impl=flash: the TPU kernel (interpreted) inside shard_map, heads over tensor
-    (one kv head on 2-way tensor parallelism: repeated per shard), packed segments, a length
-    the kernel pads; logits and parameter gradients equal the reference model's."""
+    (one kv head on 2-way tensor parallelism: repeated per shard) or, with the sequence split,
+    over the sequence axis (all-to-all in and out), packed segments, a length the kernel pads;
+    logits and parameter gradients equal the reference model's."""
     from jaxllm import config, models, sharding
 
     exp = config.load(None, ["model.vocab_size=128", "model.hidden_size=128",

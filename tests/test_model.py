@@ -94,6 +94,30 @@ def test_packed_segments_equal_separate_documents():
     assert np.abs(np.asarray(mixed[:, 9:] - lb)).max() > 1e-3
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_blocked_causal_attention_equals_one_masked_product(window):
+    """The training path skips the key blocks above the diagonal (256 tokens: 4 query blocks);
+    with packed segments and a sliding window it must equal one fully masked product."""
+    from jaxllm.models.llama import attention_mask, causal_attention, reference_attention
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 256, h, 16)) for i, h in enumerate((4, 2, 2)))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 2]], 64, axis=1))
+    seg = seg.at[1, 200:].set(0)  # padding at the end of row 1
+    idx = jnp.broadcast_to(jnp.arange(256), (2, 256))
+    want = reference_attention(q, k, v, attention_mask(idx, idx, seg, seg, window), 0.25)
+    np.testing.assert_allclose(causal_attention(q, k, v, seg, 0.25, window), want, atol=1e-5)
+
+
+def test_token_cross_entropy_is_minus_log_softmax_at_the_target():
+    from jaxllm.tasks.pretrain import token_cross_entropy
+    logits = 3 * jax.random.normal(jax.random.key(0), (2, 5, 37))
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 37)
+    nll, lse = token_cross_entropy(logits, targets)
+    logp = jax.nn.log_softmax(logits)
+    np.testing.assert_allclose(nll, -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(lse, jax.scipy.special.logsumexp(logits, -1), rtol=1e-6)
+
+
 def test_remat_and_bf16_paths_agree():
     cfg = small_cfg()
     params = models.init(cfg, jax.random.key(0))

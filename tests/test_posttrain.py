@@ -128,6 +128,31 @@ def test_lora_step0_equals_base_and_merge_unmerge_round_trip():
                  lora.unmerge(merged, trained, lcfg), base)
 
 
+@pytest.mark.parametrize("base_dtype", ["param", "int8"])
+def test_lora_inside_the_layers_equals_the_merged_weights(base_dtype):
+    """lora.attach (x W + x A sB in each layer, an int8 W dequantised in the product; what
+    training runs) gives the logits and adapter gradients of the merged weights (lora.apply),
+    with adapters on embeddings, attention, MLP and lm_head and a qkv bias."""
+    exp = config.load(None, [*TINY, "model.qkv_bias=true"])
+    base = lora.quantize(models.init(exp.model, jax.random.key(0)), base_dtype)
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets=("embed_tokens", "q_proj", "v_proj", "up_proj",
+                                                  "down_proj", "lm_head"))
+    adapters = jax.tree.map(lambda x: x + 0.05, lora.init(lora.abstract(base, lcfg), jax.random.key(1)))
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % 259
+    attached = lora.attach(base, adapters, lcfg)
+    assert attached["layers"]["mlp"]["up_proj"]["kernel"].dtype == (
+        jnp.int8 if base_dtype == "int8" else jnp.float32)  # no dequantised copy
+    assert "lora_a" in attached["lm_head"] and "lora_a" not in attached["layers"]["mlp"]["gate_proj"]
+
+    def loss(ad, how):
+        return jnp.mean(models.forward(how(base, ad, lcfg), tokens, exp.model)[0] ** 2)
+    (inside, g_inside), (merged, g_merged) = (jax.value_and_grad(loss)(adapters, how)
+                                              for how in (lora.attach, lora.apply))
+    assert float(inside) == pytest.approx(float(merged), rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 g_inside, g_merged)
+
+
 def test_lora_int8_base_is_close_to_the_float_base():
     exp = config.load(None, TINY)
     base = models.init(exp.model, jax.random.key(0))
@@ -196,6 +221,27 @@ def test_malformed_rows_are_an_error_with_file_and_line_or_counted(tmp_path):
     assert data.skipped == 2 and "2 malformed skipped" in data.summary
 
 
+def test_parquet_reads_like_jsonl_and_names_the_row_of_a_bad_one(tmp_path):
+    """Chat-message prompts as Parquet list<struct> columns; rows equal the JSONL ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good{i}",
+             "rejected": "bad"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    _write(tmp_path / "p.jsonl", rows)
+    made = {}
+    for suffix in ("jsonl", "parquet"):
+        exp = config.load(None, [*TINY, "data.format=preference", "data.eval_fraction=0",
+                                 f"data.sources=[{tmp_path / ('p.' + suffix)}]"])
+        made[suffix] = ExampleData(exp.data, TOK, batch_size=2, seed=0).train_rows[0]
+    jax.tree.map(np.testing.assert_array_equal, made["parquet"], made["jsonl"])
+    pq.write_table(pa.Table.from_pylist(rows[:2] + [rows[2] | {"chosen": None}]),
+                   tmp_path / "bad.parquet")
+    exp = config.load(None, [*TINY, "data.format=preference", f"data.sources=[{tmp_path}/bad.parquet]"])
+    with pytest.raises(DataError, match=r"bad.parquet, row 3: field 'chosen'"):
+        ExampleData(exp.data, TOK, batch_size=2, seed=0)
+
+
 def test_field_names_are_remappable_and_chat_pairs_accepted(tmp_path):
     path = _write(tmp_path / "p.jsonl", [
         {"question": "q1", "selected": "good", "worse": "bad"},
@@ -243,6 +289,39 @@ def test_dpo_starts_at_log2_for_full_and_lora_training(tmp_path):
     loss, metrics = jax.jit(task.loss_fn(full))(params, jax.tree.map(jnp.asarray, batch), frozen)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
     assert float(metrics["rewards/accuracies"]) == 0.0  # ties are not wins
+
+
+def test_dpo_with_precomputed_reference_trains_the_same_without_a_frozen_copy(tmp_path):
+    """dpo.precompute_reference: one reference pass before training, stored in the run
+    directory and reused (the reference is not needed again), gives the same losses as the
+    reference run each step, and full fine-tuning then keeps no frozen copy."""
+    from jaxllm import sharding
+    from jaxllm.data.posttrain import ExampleData
+    from jaxllm.tasks import reference_logps
+    from jaxllm.tasks.dpo import DPOTask
+    from jaxllm.train import loop
+    from jaxllm.train.step import base_key
+    losses = {}
+    for pre in ("false", "true"):
+        exp = config.load("experiments/posttrain/dpo.yaml", [
+            *FEW_STEPS, "train.steps=3", "optimizer.warmup_steps=1", "logging.every_steps=1",
+            "checkpoint.enabled=false", f"run_dir={tmp_path / pre}",
+            f"dpo.precompute_reference={pre}"])
+        loop.run(exp)
+        lines = (tmp_path / pre / "metrics.jsonl").read_text().splitlines()
+        losses[pre] = [json.loads(line)["loss"] for line in lines]
+    assert losses["true"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses["true"][2] < math.log(2) - 1e-3  # it trained
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-5)
+    assert not DPOTask().needs_frozen(exp)
+
+    data = ExampleData(exp.data, TOK, batch_size=8, seed=0)
+    reference_logps.attach(exp, data, lambda: pytest.fail("recomputed"),
+                           sharding.make_mesh(exp.mesh), tmp_path / "true")
+    base = models.init(exp.model, base_key(exp))  # the fresh init the run starts from
+    rows = {k: jnp.asarray(v[:4]) for k, v in data.train_rows[0].items()}
+    want, _ = sequence_logps(base, exp.model, rows, "chosen_")
+    np.testing.assert_allclose(rows["chosen_ref_logps"], want, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """Training-step throughput: jaxllm vs Hugging Face transformers + torch AdamW, same shapes.
 
-    python experiments/bench/train_step.py [--steps 10] [--batch 8] [--seq 256] [--no-hf]
+    python experiments/bench/train_step.py [--rounds 5] [--steps 4] [--batch 8] [--seq 256] [--no-hf]
 
 Shape (default): V=8192, d=256, 4 layers, 8 heads, 4 kv heads, MLP 768, batch 8 x 256, fp32,
 AdamW. Prints tokens/s, TFLOP/s and MFU for both and the ratio; torch and transformers come with
-the `hf` extra. Both sides get the same number of threads (all cores)."""
+the `hf` extra. Both sides get the same number of threads (all cores), and are timed in
+interleaved rounds (median), so a busy shared machine slows all of them alike."""
 from __future__ import annotations
 
 import argparse
@@ -29,23 +30,24 @@ def batch_of(rng, batch, seq, vocab):
             "loss_mask": np.ones((batch, seq), np.float32)}
 
 
-def time_jaxllm(exp, steps, batches):
+def jaxllm_step(exp, batches):
+    """A function running one compiled training step (compiled here)."""
     mesh = sharding.single_device_mesh()
     opt = make_optimizer(exp.optimizer, exp.train.steps)
     abstract = step_lib.abstract_state(exp, opt, mesh)
     state = step_lib.init_state(exp, opt, mesh)
     train_step = step_lib.make_train_step(exp, pretrain.PretrainTask().loss_fn(exp), opt,
                                           schedule(exp.optimizer, exp.train.steps), mesh, abstract)
-    state, m = train_step(state, batches[0])  # compile
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for i in range(steps):
+
+    def one(i):
+        nonlocal state
         state, m = train_step(state, batches[i % len(batches)])
-    jax.block_until_ready(m)
-    return (time.perf_counter() - t) / steps
+        return m
+    jax.block_until_ready(one(0))  # compile
+    return lambda i: jax.block_until_ready(one(i))
 
 
-def time_hf(cfg, steps, batches):
+def hf_step(cfg, batches):
     import torch
     import transformers
     torch.manual_seed(0)
@@ -58,7 +60,8 @@ def time_hf(cfg, steps, batches):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 
-    def one(b):
+    def one(i):
+        b = batches[i % len(batches)]
         out = model(input_ids=torch.from_numpy(b["tokens"]).long(),
                     labels=torch.from_numpy(b["targets"]).long())
         # HF shifts labels itself; we pass pre-shifted targets, the cost is the same.
@@ -66,16 +69,27 @@ def time_hf(cfg, steps, batches):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    one(batches[0])
-    t = time.perf_counter()
-    for i in range(steps):
-        one(batches[i % len(batches)])
-    return (time.perf_counter() - t) / steps
+    one(0)
+    return one
+
+
+def interleaved(fns: dict, rounds: int, steps: int) -> dict:
+    """Seconds per step of each function: `rounds` rounds, each timing `steps` steps of every
+    function in turn (so load on a shared machine hits all alike); the median round counts."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for i in range(steps):
+                fn(i)
+            times[name].append((time.perf_counter() - t) / steps)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=4, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
@@ -88,13 +102,13 @@ def main():
     tokens = args.batch * args.seq
     flops = models.flops_per_token(cfg, args.seq) * tokens
     peak = peak_flops_per_device() * jax.device_count()
-    rows = [("jaxllm (jit, XLA CPU, scanned layers)", time_jaxllm(exp, args.steps, batches)),
-            ("jaxllm (jit, XLA CPU, unrolled layers)", time_jaxllm(
-                dataclasses.replace(exp, model=cfg.replace(scan_layers=False)), args.steps, batches))]
+    fns = {"jaxllm (jit, XLA CPU, scanned layers)": jaxllm_step(exp, batches),
+           "jaxllm (jit, XLA CPU, unrolled layers)": jaxllm_step(
+               dataclasses.replace(exp, model=cfg.replace(scan_layers=False)), batches)}
     if not args.no_hf:
         import torch
-        rows.append((f"HF transformers + torch {torch.__version__} AdamW",
-                     time_hf(cfg, args.steps, batches)))
+        fns[f"HF transformers + torch {torch.__version__} AdamW"] = hf_step(cfg, batches)
+    rows = list(interleaved(fns, args.rounds, args.steps).items())
     print(f"\nmodel bench-7m: {models.count_params(cfg)['total']:,} params, batch {args.batch} x "
           f"{args.seq}, fp32; peak (measured matmul) {peak / 1e9:.1f} GFLOP/s")
     print(f"| {'implementation':<40} | {'step ms':>8} | {'tokens/s':>9} | {'GFLOP/s':>8} | "

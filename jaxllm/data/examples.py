@@ -1,4 +1,5 @@
-"""Post-training rows: instructions, chats, preference pairs and scored responses, from JSONL.
+"""Post-training rows: instructions, chats, preference pairs and scored responses, from JSONL
+or Parquet files.
 
 Each row is validated (a clear error with file and line, or skipped and counted when
 data.skip_malformed) and rendered to token spans [(ids, trained)], where `trained` marks the
@@ -7,10 +8,8 @@ including each turn's end token. Chats use the tokenizer's chat template when it
 (`render_chat`), else a built-in one: "<|role|>\\n" headers, each turn closed by EOS."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-from jaxllm.data.sources import DataError, expand
+from jaxllm.data.sources import ROW_FILES, DataError, expand, records
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
@@ -21,19 +20,18 @@ def read_examples(data_cfg) -> tuple[list[list[dict]], int]:
     for source in data_cfg.sources:
         rows = []
         for path in expand(source):
-            if path.suffix != ".jsonl":
-                raise DataError(f"data.sources: {path}: post-training data must be .jsonl")
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(normalise(json.loads(line), fmt, data_cfg.fields))
-                    except (json.JSONDecodeError, DataError, TypeError) as e:
-                        if not data_cfg.skip_malformed:
-                            what = "not valid JSON" if isinstance(e, json.JSONDecodeError) else e
-                            raise DataError(f"{path}:{line_no}: {what}") from None
-                        skipped += 1
+            if path.suffix not in ROW_FILES:
+                raise DataError(f"data.sources: {path}: post-training data must be "
+                                f"{' or '.join(ROW_FILES)}")
+            for where, row in records(path):
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    rows.append(normalise(row, fmt, data_cfg.fields))
+                except (DataError, TypeError) as e:
+                    if not data_cfg.skip_malformed:
+                        raise DataError(f"{where}: {e}") from None
+                    skipped += 1
         if not rows:
             raise DataError(f"data.sources: {source}: no usable {fmt} rows"
                             + (f" ({skipped} malformed skipped)" if skipped else ""))

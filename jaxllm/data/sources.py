@@ -1,4 +1,4 @@
-"""Text sources: the built-in pydoc corpus, plain text files, and JSONL files.
+"""Text sources: the built-in pydoc corpus, plain text files, JSONL and Parquet files.
 
 `read_documents(data_cfg)` returns every document of `data_cfg.sources` as a list of strings,
 in a fixed order (sources as listed, glob matches sorted, lines/paragraphs in file order), so
@@ -48,24 +48,50 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def read_jsonl(path: Path, field: str) -> list[str]:
-    """The `field` string of each line's JSON object; blank lines are skipped."""
-    docs = []
+ROW_FILES = (".jsonl", ".parquet")
+
+
+def records(path: Path):
+    """(where, row) per row of a .jsonl or .parquet file, where is "FILE:LINE" or "FILE, row N".
+    A JSONL line that is not JSON comes as a DataError in place of its row (the caller decides
+    whether that stops the run); blank lines are skipped."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():  # nested lists/structs (chat messages) as list/dict
+                n += 1
+                yield f"{path}, row {n}", row
+        return
     for line_no, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+            row = DataError(f"not valid JSON ({e.msg}, column {e.colno})")
+        yield f"{path}:{line_no}", row
+
+
+def read_field(path: Path, field: str) -> list[str]:
+    """The `field` string of each row of a .jsonl or .parquet file."""
+    docs = []
+    for where, row in records(path):
+        if isinstance(row, DataError):
+            raise DataError(f"{where}: {row}")
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{line_no}: expected a JSON object with a {field!r} field, "
+            raise DataError(f"{where}: expected a JSON object with a {field!r} field, "
                             f"got {type(row).__name__}")
         if field not in row:
-            raise DataError(f"{path}:{line_no}: missing text field {field!r} "
+            raise DataError(f"{where}: missing text field {field!r} "
                             f"(fields: {', '.join(map(str, row)) or 'none'}; set data.text_field)")
         if not isinstance(row[field], str):
-            raise DataError(f"{path}:{line_no}: field {field!r} is "
+            raise DataError(f"{where}: field {field!r} is "
                             f"{type(row[field]).__name__}, expected a string")
         docs.append(row[field])
     return docs
@@ -101,8 +127,8 @@ def read_documents(data_cfg) -> list[str]:
                             f"(known: {', '.join(BUILTINS)})")
         else:
             for path in expand(source):
-                if path.suffix == ".jsonl":
-                    docs += read_jsonl(path, data_cfg.text_field)
+                if path.suffix in ROW_FILES:
+                    docs += read_field(path, data_cfg.text_field)
                 elif path.suffix == ".json":
                     raise DataError(f"{path}: .json is not a supported format; write one JSON "
                                     f"object per line to a .jsonl file")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.sharding import constrain
+from jaxllm.sharding import constrain, sequence_sharded
 
 NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
 
@@ -80,8 +80,56 @@ def reference_attention(q, k, v, mask, scale):
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+class _TokenDense(nn.Dense):
+    """nn.Dense over [tokens, features]: [B, S, D] is flattened to [B*S, D] around the matmul.
+    Same params and math; XLA:CPU runs the 2-d product and its weight gradient up to 2x faster
+    than the [B, S, D] x [D, F] form (measured: the vocab projection's grad 350 -> 160 ms).
+
+    Params given beside the kernel (jaxllm.lora.attach) are used inside the layer, so no
+    full-size weight is ever materialised for them: "kernel_scale" [1, out] for an int8 kernel
+    (per-output-channel, applied to the product) and "lora_a" [in, r] / "lora_b" [r, out] (the
+    latter pre-scaled) for a low-rank update x A B added to x W."""
+
+    def __call__(self, x):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        if not (self.has_variable("params", "kernel_scale") or self.has_variable("params", "lora_a")):
+            return super().__call__(x).reshape(*lead, self.features)
+        get = lambda name: self.get_variable("params", name).astype(self.dtype)  # noqa: E731
+        x = x.astype(self.dtype)
+        y = x @ get("kernel")
+        if self.has_variable("params", "kernel_scale"):
+            y = y * get("kernel_scale")
+        if self.has_variable("params", "lora_a"):
+            y = y + (x @ get("lora_a")) @ get("lora_b")
+        if self.use_bias:
+            y = y + get("bias")
+        return y.reshape(*lead, self.features)
+
+
+def causal_attention(q, k, v, segment_ids, scale, sliding_window=None):
+    """Causal self-attention over whole rows with the plain jnp kernel, the queries taken in up
+    to 8 blocks of at least 64 that each attend only to the keys up to their own end: the fully
+    masked blocks above the diagonal are never computed (5/8 of the work at 4 blocks; 1.5-2x
+    faster fwd+bwd on XLA:CPU at 256 tokens). One block when the sequence is sharded."""
+    b, t = q.shape[:2]
+    chunks = 1
+    if not sequence_sharded():
+        while chunks < 8 and t % (2 * chunks) == 0 and t // (2 * chunks) >= 64:
+            chunks *= 2
+    c = t // chunks
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    outs = []
+    for i in range(chunks):
+        lo, hi = i * c, (i + 1) * c
+        mask = attention_mask(idx[:, lo:hi], idx[:, :hi], segment_ids[:, lo:hi],
+                              segment_ids[:, :hi], sliding_window)
+        outs.append(reference_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
+    return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=1)
+
+
 def _dense(features, names, cfg: ModelConfig, use_bias=False, name=None):
-    return nn.Dense(
+    return _TokenDense(
         features, use_bias=use_bias, name=name,
         dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names),
@@ -121,10 +169,8 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(hd)
 
         if kv is None:
-            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
             if cfg.attention_impl == "reference":
-                mask = attention_mask(idx, idx, segment_ids, segment_ids, cfg.sliding_window)
-                out = reference_attention(q, k, v, mask, scale)
+                out = causal_attention(q, k, v, segment_ids, scale, cfg.sliding_window)
             else:
                 out = _fused_attention(cfg, q, k, v, segment_ids, scale)
             new_kv = None

@@ -63,6 +63,14 @@ class Task:
         """Frozen trees built from the base params (when needs_frozen)."""
         return {"base": lora.quantize(base, exp.lora.base_dtype)} if _frozen_base(exp) else None
 
+    def prepare_data(self, exp: Experiment, data, base_fn, frozen, mesh, run_dir) -> None:
+        """Work on the data that needs the starting model, once before training (DPO's
+        reference log-probs); base_fn() gives the base params (loading them on resume)."""
+
+    def abstract_batch(self, exp: Experiment, batch_size: int) -> dict:
+        """Shapes of one global batch (what make_data's iterator yields), for AOT compiles."""
+        return row_shapes(exp, batch_size) | {"valid": abstract_array((batch_size,), "float32")}
+
     def make_data(self, exp: Experiment, run_dir, local_batch: int):
         """Post-training examples per data.format (pretraining overrides this)."""
         from jaxllm.data.posttrain import ExampleData
@@ -71,13 +79,33 @@ class Task:
                                        process_count=jax.process_count())
 
 
-def model_params(exp: Experiment, params, frozen):
-    """The params the model runs with: the base with adapters applied or a soft prompt
-    prepended, or the trained ones."""
+def abstract_array(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, jax.numpy.dtype(dtype))
+
+
+def row_shapes(exp: Experiment, batch_size: int, prefixes=("",)) -> dict:
+    """[batch, seq_len] rows (tokens, targets, segment_ids, positions, loss_mask) per prefix."""
+    from jaxllm.data.posttrain import ROW_KEYS
+    shape = (batch_size, exp.data.seq_len)
+    return {p + k: abstract_array(shape, "float32" if k == "loss_mask" else "int32")
+            for p in prefixes for k in ROW_KEYS}
+
+
+def pair_shapes(exp: Experiment, batch_size: int) -> dict:
+    """Preference batches: chosen_* and rejected_* rows and the valid weights."""
+    return (row_shapes(exp, batch_size, ("chosen_", "rejected_"))
+            | {"valid": abstract_array((batch_size,), "float32")})
+
+
+def model_params(exp: Experiment, params, frozen, merged: bool = False):
+    """The params the model runs with: the frozen base with the adapters inside its layers or
+    a soft prompt prepended (lora.attach: no merged copy), or the trained ones. merged=True:
+    plain params with the adapters folded in and an int8 base dequantised (export, sampling)."""
+    how = lora.apply if merged else lora.attach
     if exp.prompt_tuning.num_tokens:
-        return frozen["base"] | {"soft_prompt": params["soft_prompt"]}
+        return how(frozen["base"], {}, exp.lora) | {"soft_prompt": params["soft_prompt"]}
     if exp.lora.rank:
-        return lora.apply(frozen["base"], params["lora"], exp.lora)
+        return how(frozen["base"], params["lora"], exp.lora)
     return {k: v for k, v in params.items() if k in _MODEL_KEYS}
 
 
@@ -88,14 +116,10 @@ def reference_params(exp: Experiment, params, frozen):
     """The frozen reference (DPO, KL penalties): the base without adapters under LoRA (no second
     copy in memory), else the frozen copy in frozen["ref"]."""
     if _frozen_base(exp):
-        return lora.apply(frozen["base"], {}, exp.lora) if _quantized(exp) else frozen["base"]
+        return lora.attach(frozen["base"], {}, exp.lora)  # an int8 base stays int8
     return frozen["ref"]
 
 
 def _frozen_base(exp) -> bool:
     """LoRA and prompt tuning train beside a frozen base model."""
     return bool(exp.lora.rank or exp.prompt_tuning.num_tokens)
-
-
-def _quantized(exp):
-    return exp.lora.base_dtype == "int8"

@@ -1,14 +1,18 @@
 """Direct preference optimisation (sigmoid with label smoothing, hinge, IPO, reference-free).
 
 The reference is the frozen base without adapters under LoRA (no second copy in memory), or a
-frozen copy of the starting weights for full fine-tuning."""
+frozen copy of the starting weights for full fine-tuning. With dpo.precompute_reference the
+reference runs once over the data before training (tasks/reference_logps.py) and the loss
+reads the stored log-probs: full fine-tuning then holds no frozen copy at all."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import DPOConfig, Experiment
-from jaxllm.tasks.base import Task, model_params, reference_params
+from jaxllm.tasks import reference_logps
+from jaxllm.tasks.base import (Task, _frozen_base, abstract_array, model_params, pair_shapes,
+                               reference_params)
 from jaxllm.tasks.sequences import pair_rows, sequence_logps
 
 
@@ -37,6 +41,8 @@ def loss(params, batch, frozen, exp: Experiment):
     logps, lens = sequence_logps(model_params(exp, params, frozen), cfg, rows)
     if dcfg.reference_free:
         ref = jnp.zeros_like(logps)
+    elif reference_logps.KEYS[0] in batch:  # precomputed
+        ref = jnp.concatenate([batch[k] for k in reference_logps.KEYS])
     else:
         ref = jax.lax.stop_gradient(sequence_logps(reference_params(exp, params, frozen), cfg, rows)[0])
     pc, pr, rc, rr = logps[:n], logps[n:], ref[:n], ref[n:]
@@ -56,7 +62,18 @@ def loss(params, batch, frozen, exp: Experiment):
 
 class DPOTask(Task):
     def needs_frozen(self, exp):
-        return not exp.dpo.reference_free or super().needs_frozen(exp)
+        needs_ref = not (exp.dpo.reference_free or exp.dpo.precompute_reference)
+        return needs_ref or super().needs_frozen(exp)
+
+    def abstract_batch(self, exp, batch_size):
+        refs = ({k: abstract_array((batch_size,), "float32") for k in reference_logps.KEYS}
+                if exp.dpo.precompute_reference else {})
+        return pair_shapes(exp, batch_size) | refs
+
+    def prepare_data(self, exp, data, base_fn, frozen, mesh, run_dir):
+        if exp.dpo.precompute_reference:
+            ref = (lambda: reference_params(exp, None, frozen)) if _frozen_base(exp) else base_fn
+            reference_logps.attach(exp, data, ref, mesh, run_dir)
 
     def frozen(self, exp, base, mesh):
         if super().needs_frozen(exp):  # LoRA or prompt tuning: the base is the reference

@@ -8,16 +8,21 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import models
-from jaxllm.tasks.base import Task, model_params
+from jaxllm.tasks.base import Task, model_params, row_shapes
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def token_cross_entropy(logits, targets):
-    """Per-token -log p(target) and log-partition, computed in fp32. logits [..., V]."""
+    """Per-token -log p(target) and log-partition, computed in fp32. logits [..., V].
+
+    The target's logit is picked by a one-hot mask, not a gather: it fuses with the reduction,
+    its gradient is elementwise (a gather's is a scatter, ~20% slower on XLA:CPU here), and a
+    vocab split over devices needs no all-gather."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return lse - target_logit, lse
 
 
@@ -35,6 +40,9 @@ def loss(params, batch, cfg: models.ModelConfig, *, z_loss: float = 0.0):
 
 class PretrainTask(Task):
     """Packed next-token prediction over a text corpus (all weights, or LoRA adapters)."""
+
+    def abstract_batch(self, exp, batch_size):
+        return row_shapes(exp, batch_size)
 
     def make_data(self, exp, run_dir, local_batch: int):
         from jaxllm import data

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxllm import models
 from jaxllm.config import Experiment, RewardConfig
-from jaxllm.tasks.base import Task, model_params
+from jaxllm.tasks.base import Task, abstract_array, model_params, pair_shapes
 from jaxllm.tasks.sequences import last_index, pair_rows
 
 
@@ -60,6 +60,12 @@ class RewardTask(Task):
             w = jax.random.normal(key, (cfg.hidden_size, 1), jnp.dtype(cfg.param_dtype))
             return {"kernel": w * cfg.init_std}
         return {"score": (init, {"kernel": ("embed", None)})}
+
+    def abstract_batch(self, exp, batch_size):
+        if exp.reward.loss == "regression":
+            score = abstract_array((batch_size,), "float32")
+            return super().abstract_batch(exp, batch_size) | {"score": score}
+        return pair_shapes(exp, batch_size)
 
     def loss_fn(self, exp):
         return lambda params, batch, frozen: loss(params, batch, frozen, exp)

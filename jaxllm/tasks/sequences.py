@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxllm import models
+from jaxllm.data.posttrain import ROW_KEYS
 from jaxllm.tasks.pretrain import token_cross_entropy
 
 
@@ -24,8 +25,7 @@ def sequence_logps(params, cfg, rows: dict, prefix: str = ""):
 
 def pair_rows(batch: dict) -> dict:
     """Chosen and rejected rows stacked along the batch: one forward pass for both."""
-    keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
-    return {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
+    return {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in ROW_KEYS}
 
 
 def last_index(segment_ids):

@@ -66,9 +66,11 @@ def run(exp: Experiment, *, task=None) -> dict:
     lr_schedule = schedule(exp.optimizer, exp.train.steps)
     spec = task.param_spec(exp)
     abstract = step_lib.abstract_state(exp, optimizer, mesh, spec)
-    train_iter = data.train_iterator()
     latest = ckpt.latest_step() if ckpt is not None and exp.train.resume else None
     base, frozen = base_and_frozen(exp, task, mesh, need_base=latest is None)
+    task.prepare_data(exp, data, lambda: base if base is not None else load_base(exp, mesh),
+                      frozen, mesh, run_dir)
+    train_iter = data.train_iterator()
     if latest is not None:
         state, data_state = ckpt.restore(latest, abstract)
         train_iter.set_state(data_state)
@@ -140,14 +142,26 @@ def run(exp: Experiment, *, task=None) -> dict:
 def base_and_frozen(exp: Experiment, task, mesh, need_base: bool):
     """The base model's params (model.init_from, or a fresh seeded init) when a fresh state or
     a frozen tree needs them, and the task's frozen trees built from them."""
-    model_abs = step_lib.with_shardings(*step_lib.model_spec(exp), mesh, exp.mesh.rules)
     has_frozen = task.needs_frozen(exp)
     if not (need_base or has_frozen):
         return None, None
-    base = initial_params(exp, mesh, {"params": model_abs})
-    if base is None and (has_frozen or not _trains_model_only(exp, task)):
-        base = models.init_sharded(exp.model, step_lib.base_key(exp), mesh, exp.mesh.rules)
+    if has_frozen or not _trains_model_only(exp, task):
+        base = load_base(exp, mesh)
+    else:  # init_state makes the same fresh init itself, already in its shards
+        base = initial_params(exp, mesh, _model_abstract(exp, mesh))
     return base, (task.frozen(exp, base, mesh) if has_frozen else None)
+
+
+def load_base(exp: Experiment, mesh):
+    """The starting model: model.init_from, or the fresh seeded init, placed on the mesh."""
+    base = initial_params(exp, mesh, _model_abstract(exp, mesh))
+    if base is None:
+        base = models.init_sharded(exp.model, step_lib.base_key(exp), mesh, exp.mesh.rules)
+    return base
+
+
+def _model_abstract(exp, mesh):
+    return {"params": step_lib.with_shardings(*step_lib.model_spec(exp), mesh, exp.mesh.rules)}
 
 
 def _trains_model_only(exp, task) -> bool:

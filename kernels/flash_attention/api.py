@@ -110,25 +110,32 @@ def forward_with_lse(q, k, v, segment_ids=None, *, causal=True, sm_scale=None, b
 
 def flash_attention_sharded(q, k, v, segment_ids, mesh, *, rules, **kwargs):
     """flash_attention inside shard_map: batch over the rules' act_batch axes, heads over
-    act_heads (Pallas kernels cannot be partitioned by XLA). The sequence is gathered: each
-    device attends over whole sequences of its batch and head shard."""
+    act_heads (Pallas kernels cannot be partitioned by XLA). Each device attends over whole
+    sequences of its batch and head shard: when activations are split along the sequence
+    (act_length), the heads are split over those axes too, so entering the kernel is an
+    all-to-all from sequence to head shards and leaving it one back (as DeepSpeed-Ulysses),
+    and no device repeats another's work; when the heads do not divide, the sequence is
+    gathered."""
     if mesh is not None and kwargs.get("backend") is None:
         # The mesh's devices decide, not the host: an AOT compile for a TPU topology on a CPU
         # host must trace the TPU kernel.
         kwargs["backend"] = _PLATFORM_BACKEND.get(mesh.devices.flat[0].platform)
     if mesh is None or mesh.size == 1:
         return flash_attention(q, k, v, segment_ids, **kwargs)
-    from jaxllm.sharding import logical_to_spec
+    from jaxllm.sharding import logical_to_spec, spec_axes as _axes
 
-    b, _, h, _ = q.shape
+    b, t, h, _ = q.shape
     batch = logical_to_spec(("act_batch",), rules, mesh, (b,))[0]
-    heads = logical_to_spec(("act_heads",), rules, mesh, (h,))[0]
+    heads = _axes(logical_to_spec(("act_heads",), rules, mesh, (h,))[0])
+    length = _axes(logical_to_spec(("act_length",), rules, mesh, (t,))[0])
+    length = tuple(a for a in length if a not in heads + _axes(batch) and mesh.shape[a] > 1)
+    if length and h % math.prod(mesh.shape[a] for a in heads + length) == 0:
+        heads += length
     kvh = k.shape[2]
-    head_shards = 1 if heads is None else math.prod(
-        mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads))
+    head_shards = math.prod(mesh.shape[a] for a in heads)
     if kvh % head_shards:  # e.g. MQA on 4-way tensor parallelism: give each shard its kv heads
         k, v = (jnp.repeat(x, h // kvh, axis=2) for x in (k, v))
-    x_spec = P(batch, None, heads, None)
+    x_spec = P(batch, None, heads or None, None)
     seg_spec = P(batch, None)
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
