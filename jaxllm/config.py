@@ -166,6 +166,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                 "down_proj")
     rslora: bool = False  # scale alpha/sqrt(rank) instead of alpha/rank
+    dropout: float = 0.0  # on the adapters' input during training steps (PEFT's lora_dropout)
     base_dtype: Literal["param", "bfloat16", "int8"] = "param"  # int8: per-channel QLoRA-style
 
 

@@ -79,8 +79,10 @@ class _InOrder:
 
 
 def _constrain_cache(cache):
-    kv = ("layers", "act_batch", None, "act_kv_heads", None)
-    return {"k": sharding.constrain(cache["k"], kv), "v": sharding.constrain(cache["v"], kv),
+    """Per-layer k/v lists (models.cache_per_layer) sharded by batch and kv heads."""
+    kv = ("act_batch", None, "act_kv_heads", None)
+    return {"k": [sharding.constrain(x, kv) for x in cache["k"]],
+            "v": [sharding.constrain(x, kv) for x in cache["v"]],
             "segment_ids": sharding.constrain(cache["segment_ids"], ("act_batch", None)),
             "index": cache["index"]}
 
@@ -88,14 +90,13 @@ def _constrain_cache(cache):
 def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *, cfg,
             max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream):
     b, p = tokens.shape
-    # Decoding runs the layer loop once per token: unrolling it avoids the scan's per-iteration
-    # overhead (same params either way).
-    cfg = cfg.replace(scan_layers=False)
     tokens, segment_ids, positions = (sharding.constrain(x, ("act_batch", None))
                                       for x in (tokens, segment_ids, positions))
-    cache = _constrain_cache(models.init_cache(cfg, b, p + max_new_tokens))
-    logits, cache = models.forward(params, tokens, cfg, positions=positions,
-                                   segment_ids=segment_ids, cache=cache)
+    # Layers and cache are split per layer once, here, for the loop's decode_step.
+    layers = models.unstack_layers(params)
+    cache = _constrain_cache(models.cache_per_layer(models.init_cache(cfg, b, p + max_new_tokens)))
+    logits, cache = models.decode_step(params, layers, tokens, cfg, positions=positions,
+                                       segment_ids=segment_ids, cache=cache)
     cache = _constrain_cache(cache)
     next_pos = positions[:, -1] + 1
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -131,8 +132,8 @@ def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, 
     def body(state):
         i, tok, cache, key, done, out, logps, lengths = state
         pos = (next_pos + i - 1)[:, None]
-        logits, cache = models.forward(params, tok[:, None], cfg, positions=pos,
-                                       segment_ids=jnp.ones_like(tok[:, None]), cache=cache)
+        logits, cache = models.decode_step(params, layers, tok[:, None], cfg, positions=pos,
+                                           segment_ids=jnp.ones_like(tok[:, None]), cache=cache)
         cache = _constrain_cache(cache)
         tok, key, done, out, logps, lengths = emit(i, logits[:, -1], key, done, out, logps, lengths)
         return i + 1, tok, cache, key, done, out, logps, lengths

@@ -41,7 +41,7 @@ def test_convert_to_peft_loads_in_peft_with_our_logits(tmp_path):
     import transformers
 
     exp = config.load(None, [*TINY, f"run_dir={tmp_path / 'run'}", "task=sft", "lora.rank=4",
-                             "lora.alpha=6", "lora.rslora=true",
+                             "lora.alpha=6", "lora.rslora=true", "lora.dropout=0.05",
                              "lora.targets=[embed_tokens,q_proj,v_proj,o_proj,down_proj,lm_head]"])
     base = models.init(exp.model, base_key(exp))  # what the run rebuilds as its base
     adapters = _noisy(lora.abstract(base, exp.lora), 1, 0.1)  # A and B both non-zero
@@ -53,7 +53,8 @@ def test_convert_to_peft_loads_in_peft_with_our_logits(tmp_path):
     assert np.abs(ours - _logits(base, cfg)).max() > 1e-2  # the adapters matter
     adapter_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())
-    assert (adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["use_rslora"]) == (4, 6.0, True)
+    assert (adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["use_rslora"],
+            adapter_cfg["lora_dropout"]) == (4, 6.0, True, 0.05)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         adapter_cfg["base_model_name_or_path"], torch_dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(model, tmp_path / "peft").eval()
@@ -62,7 +63,7 @@ def test_convert_to_peft_loads_in_peft_with_our_logits(tmp_path):
     np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
 
     back, lcfg = load_adapter(tmp_path / "peft")
-    assert (lcfg.rank, lcfg.alpha, lcfg.rslora) == (4, 6.0, True)
+    assert (lcfg.rank, lcfg.alpha, lcfg.rslora, lcfg.dropout) == (4, 6.0, True, 0.05)
     assert sorted(lcfg.targets) == sorted(exp.lora.targets)
     jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(adapters))
 

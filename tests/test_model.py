@@ -76,6 +76,15 @@ def test_kv_cache_decode_equals_forward(kw):
         steps.append(out)
     np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert int(cache["index"]) == 20
+    # The sampler's step: per-layer params and cache lists, the same logits.
+    layers, cache = models.unstack_layers(params), models.cache_per_layer(models.init_cache(cfg, 2, 32))
+    steps = []
+    for lo, hi in ((0, 7), *((t, t + 1) for t in range(7, 20))):
+        out, cache = models.decode_step(params, layers, tokens[:, lo:hi], cfg, cache=cache,
+                                        positions=jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo)),
+                                        segment_ids=jnp.ones((2, hi - lo), jnp.int32))
+        steps.append(out)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_segments_equal_separate_documents():

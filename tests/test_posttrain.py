@@ -153,6 +153,27 @@ def test_lora_inside_the_layers_equals_the_merged_weights(base_dtype):
                  g_inside, g_merged)
 
 
+def test_lora_dropout_masks_the_adapters_input_only_inside_training_steps():
+    exp = config.load(None, TINY)
+    base = models.init(exp.model, jax.random.key(0))
+    lcfg = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    adapters = jax.tree.map(lambda x: x + 0.05, lora.init(lora.abstract(base, lcfg), jax.random.key(1)))
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % 259
+
+    def logits(params, rate=None, key=0):
+        if rate is None:  # evaluation, sampling: no dropout context
+            return np.asarray(models.forward(params, tokens, exp.model)[0])
+        with models.adapter_dropout(rate, jax.random.key(key)):
+            return np.asarray(models.forward(params, tokens, exp.model)[0])
+    adapted = lora.attach(base, adapters, lcfg)
+    plain = logits(adapted)
+    np.testing.assert_array_equal(logits(adapted, 0.5, 3), logits(adapted, 0.5, 3))  # seeded
+    assert not np.allclose(logits(adapted, 0.5, 3), logits(adapted, 0.5, 4), atol=1e-4)
+    assert not np.allclose(logits(adapted, 0.5, 3), plain, atol=1e-4)
+    np.testing.assert_array_equal(logits(adapted, 0.0, 3), plain)
+    np.testing.assert_array_equal(logits(base, 0.5, 3), logits(base))  # no adapters, no dropout
+
+
 def test_lora_int8_base_is_close_to_the_float_base():
     exp = config.load(None, TINY)
     base = models.init(exp.model, jax.random.key(0))
@@ -173,8 +194,9 @@ def test_lora_trains_only_adapters_and_the_optimizer_holds_only_them(tmp_path):
     from jaxllm.train.step import abstract_state
     from jaxllm import sharding
 
-    exp = config.load("experiments/posttrain/sft_lora.yaml",  # the shipped example, as is
-                      [*FEW_STEPS, "train.steps=3", f"run_dir={tmp_path}"])
+    exp = config.load("experiments/posttrain/sft_lora.yaml",  # the shipped example
+                      [*FEW_STEPS, "train.steps=3", f"run_dir={tmp_path}", "lora.dropout=0.1",
+                       "train.batch_size=16", "train.grad_accum=2"])
     loop.run(exp)
     _, params = restore_run_params(tmp_path)
     n_adapter = lora.param_count(params)

@@ -71,7 +71,7 @@ def main():
     out = Path(args.out)
     k = 0.05 if args.quick else 1.0
     steps = {s: max(4, int(n * k)) for s, n in
-             {"pretrain": 300, "sft": 1000, "reward": 300, "dpo": 120}.items()}
+             {"pretrain": 300, "sft": 1000, "reward": 600, "dpo": 120}.items()}
     tok = ByteTokenizer()
     train_words, test_words = synthetic.split(8000, 200, seed=0)
     data = out / "data"
@@ -91,7 +91,7 @@ def main():
     exp_sft, sft_params = restore_run_params(sft_dir)
     cfg = exp_sft.model
     # On-policy pairs: the SFT model's own sampled mistakes are the rejected answers.
-    pair_words = train_words[:3000]
+    pair_words = train_words
     sampled = answers(sft_params, cfg, pair_words, tok, temperature=1.0, seed=1)
     wrong = {w: a for w, a in zip(pair_words, sampled) if a != synthetic.answer(w) and a}
     synthetic.write_jsonl(data / "pairs.jsonl", synthetic.preference_rows(pair_words, wrong, seed=1))
@@ -104,7 +104,7 @@ def main():
             "data.eval_fraction=0.02", f"model.init_from=run:{sft_dir}", "train.batch_size=16",
             "optimizer.warmup_steps=10", "optimizer.weight_decay=0.0"]
     rm_dir = train(out, "reward", ["task=reward", *pref, f"train.steps={steps['reward']}",
-                                   "optimizer.lr=2e-4", "reward.center_coef=0.01"])
+                                   "optimizer.lr=3e-4", "reward.center_coef=0.01"])
     dpo_dir = train(out, "dpo", ["task=dpo", *pref, f"train.steps={steps['dpo']}",
                                  "optimizer.lr=1e-4", "dpo.beta=0.1", "dpo.sft_weight=1.0"])
 

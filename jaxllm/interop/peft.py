@@ -77,7 +77,7 @@ def save_adapter(adapters: dict, lcfg: LoraConfig, path: str | Path, base_model:
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": lcfg.rank, "lora_alpha": lcfg.alpha, "use_rslora": lcfg.rslora,
-              "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
+              "target_modules": sorted(targets), "lora_dropout": lcfg.dropout, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
               "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
@@ -126,6 +126,7 @@ def load_adapter(path: str | Path) -> tuple[dict, LoraConfig]:
         raise HFFormatError(f"{path}: no LoRA weights in {ADAPTER_WEIGHTS}")
     lcfg = LoraConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
                       rslora=bool(c.get("use_rslora", False)),
+                      dropout=float(c.get("lora_dropout") or 0.0),
                       targets=tuple(sorted({p[-1] for p, _ in _flat_adapters(adapters)})))
     return adapters, lcfg
 

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig, RopeScaling
 from jaxllm.models.counting import count_params, flops_per_token, memory_estimate
-from jaxllm.models.llama import Decoder
+from jaxllm.models.llama import Block, Decoder, adapter_dropout, adapter_dropout_rngs
 from jaxllm.models.presets import PRESETS, preset
 
 __all__ = ["ModelConfig", "RopeScaling", "PRESETS", "preset", "init", "forward", "hidden_states",
            "init_cache", "logical_axes", "abstract_params", "init_sharded", "count_params",
-           "flops_per_token", "memory_estimate", "positions_from_segments"]
+           "flops_per_token", "memory_estimate", "positions_from_segments", "adapter_dropout",
+           "decode_step", "unstack_layers", "cache_per_layer"]
 
 
 def _dummy(cfg: ModelConfig):
@@ -88,7 +89,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     """Logits [B,T,V] (compute dtype) and the updated cache (None when none was given)."""
     params, prefix = _split_soft_prompt(params)
     return Decoder(cfg).apply({"params": params}, *_inputs(tokens, positions, segment_ids, cache),
-                              prefix=prefix)
+                              prefix=prefix, rngs=adapter_dropout_rngs())
 
 
 def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
@@ -96,12 +97,48 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
     """Final hidden states [B,T,D] after the last norm (for reward/value heads)."""
     params, prefix = _split_soft_prompt(params)
     return Decoder(cfg).apply({"params": params}, *_inputs(tokens, positions, segment_ids, cache),
-                              return_hidden=True, prefix=prefix)
+                              return_hidden=True, prefix=prefix, rngs=adapter_dropout_rngs())
 
 
 def unembed(params, hidden, cfg: ModelConfig):
     """Logits from hidden states (applies the tied embedding or lm_head)."""
-    return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.logits)
+    return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.logits,
+                              rngs=adapter_dropout_rngs())
+
+
+def unstack_layers(params) -> list:
+    """The stacked layer params as one tree per layer (for decode_step)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)]
+
+
+def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, segment_ids,
+                cache: dict):
+    """forward() with a KV cache for a sampler's loop: `layers` comes from unstack_layers(params)
+    and the cache holds per-layer lists (cache_per_layer), both made once outside the loop, so
+    a step neither slices the stacked weights nor re-stacks the cache (on XLA:CPU those copies
+    took 35% of a decode step). Same logits as forward()."""
+    if "soft_prompt" in params:
+        raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
+    top = {k: v for k, v in params.items() if k != "layers"}
+    decoder, block = Decoder(cfg), Block(cfg)
+    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)
+    start = cache["index"]
+    seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
+    ks, vs = [], []
+    for layer, k, v in zip(layers, cache["k"], cache["v"]):
+        x, kv = block.apply({"params": layer}, x, positions, segment_ids, {"k": k, "v": v},
+                            (start, seg))
+        ks.append(kv["k"])
+        vs.append(kv["v"])
+    logits = decoder.apply({"params": top}, x, method=Decoder.head)
+    return logits, {"k": ks, "v": vs, "segment_ids": seg, "index": start + tokens.shape[1]}
+
+
+def cache_per_layer(cache: dict) -> dict:
+    """A stacked cache (init_cache, forward) as per-layer k/v lists (decode_step)."""
+    n = cache["k"].shape[0]
+    return cache | {"k": [cache["k"][i] for i in range(n)], "v": [cache["v"][i] for i in range(n)]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

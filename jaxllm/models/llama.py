@@ -7,6 +7,7 @@ Every parameter carries logical axis names; activations are constrained at block
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -80,6 +81,26 @@ def reference_attention(q, k, v, mask, scale):
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+_ADAPTER_DROPOUT: list = []
+
+
+@contextlib.contextmanager
+def adapter_dropout(rate: float, key):
+    """Within: the low-rank adapters in the layers see their input through dropout(rate), with
+    masks drawn from `key` (PEFT's lora_dropout). Training steps set this; evaluation, reference
+    models and sampling do not. Read when the forward pass is traced."""
+    _ADAPTER_DROPOUT.append((rate, key) if rate > 0 else None)
+    try:
+        yield
+    finally:
+        _ADAPTER_DROPOUT.pop()
+
+
+def adapter_dropout_rngs():
+    active = _ADAPTER_DROPOUT[-1] if _ADAPTER_DROPOUT else None
+    return None if active is None else {"dropout": active[1]}
+
+
 class _TokenDense(nn.Dense):
     """nn.Dense over [tokens, features]: [B, S, D] is flattened to [B*S, D] around the matmul.
     Same params and math; XLA:CPU runs the 2-d product and its weight gradient up to 2x faster
@@ -88,7 +109,8 @@ class _TokenDense(nn.Dense):
     Params given beside the kernel (jaxllm.lora.attach) are used inside the layer, so no
     full-size weight is ever materialised for them: "kernel_scale" [1, out] for an int8 kernel
     (per-output-channel, applied to the product) and "lora_a" [in, r] / "lora_b" [r, out] (the
-    latter pre-scaled) for a low-rank update x A B added to x W."""
+    latter pre-scaled) for a low-rank update x A B added to x W (its input through dropout
+    inside `adapter_dropout`)."""
 
     def __call__(self, x):
         lead = x.shape[:-1]
@@ -101,7 +123,12 @@ class _TokenDense(nn.Dense):
         if self.has_variable("params", "kernel_scale"):
             y = y * get("kernel_scale")
         if self.has_variable("params", "lora_a"):
-            y = y + (x @ get("lora_a")) @ get("lora_b")
+            xa = x
+            active = _ADAPTER_DROPOUT[-1] if _ADAPTER_DROPOUT else None
+            if active is not None:
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - active[0], x.shape)
+                xa = jnp.where(keep, x / (1 - active[0]), 0).astype(x.dtype)
+            y = y + (xa @ get("lora_a")) @ get("lora_b")
         if self.use_bias:
             y = y + get("bias")
         return y.reshape(*lead, self.features)
@@ -253,13 +280,20 @@ class Decoder(nn.Module):
         # Layers are always stacked on a leading axis (one param tree, HF-mappable); unrolling
         # the scan trades compile time for speed where the per-iteration overhead shows (CPU).
         self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")
+
+    def embed(self, tokens):
+        return constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+
+    def head(self, x):
+        """Final norm and logits."""
+        return self.logits(self.norm(x))
 
     def hidden(self, tokens, positions, segment_ids, cache, prefix=None):
         x = self.embed_tokens(tokens)

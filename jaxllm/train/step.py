@@ -100,14 +100,20 @@ def make_train_step(exp: Experiment, loss_fn: LossFn, optimizer, lr_schedule, me
 
     def step(state, batch, frozen):
         params = state["params"]
+        # Randomness of a step (LoRA dropout) from the checkpointed rng and the step: a resumed
+        # run draws the same masks.
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if accum == 1:
-            (lw, metrics), grads = grad_fn(params, batch, frozen)
+            with models.adapter_dropout(exp.lora.dropout, key):
+                (lw, metrics), grads = grad_fn(params, batch, frozen)
             w = metrics.pop("weight")
         else:
             # Sum loss x weight and its gradient over micro-batches, divide once at the end, so
             # the result equals one big batch whatever the token count of each micro-batch.
-            def body(carry, mb):
-                (lw, m), g = grad_fn(params, mb, frozen)
+            def body(carry, mb_j):
+                mb, j = mb_j
+                with models.adapter_dropout(exp.lora.dropout, jax.random.fold_in(key, j)):
+                    (lw, m), g = grad_fn(params, mb, frozen)
                 g_acc, lw_acc, m_acc = carry
                 mw = m.pop("weight")
                 m_acc = {k: m_acc.get(k, 0.0) + v * mw for k, v in m.items()} | {
@@ -118,7 +124,8 @@ def make_train_step(exp: Experiment, loss_fn: LossFn, optimizer, lr_schedule, me
                 lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), frozen)[1])
             m0 = {k: jnp.zeros((), jnp.float32) for k in m_shape}
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, lw, msum), _ = jax.lax.scan(body, (zeros, jnp.float32(0), m0), micro)
+            (grads, lw, msum), _ = jax.lax.scan(body, (zeros, jnp.float32(0), m0),
+                                                (micro, jnp.arange(accum)))
             w = msum.pop("weight")
             metrics = {k: v / jnp.maximum(w, 1.0) for k, v in msum.items()}
         denom = jnp.maximum(w, 1.0)
