@@ -96,8 +96,13 @@ def adapter_dropout(rate: float, key):
         _ADAPTER_DROPOUT.pop()
 
 
+def _active_dropout():
+    """(rate, key) inside adapter_dropout with a rate > 0, else None."""
+    return _ADAPTER_DROPOUT[-1] if _ADAPTER_DROPOUT else None
+
+
 def adapter_dropout_rngs():
-    active = _ADAPTER_DROPOUT[-1] if _ADAPTER_DROPOUT else None
+    active = _active_dropout()
     return None if active is None else {"dropout": active[1]}
 
 
@@ -115,16 +120,17 @@ class _TokenDense(nn.Dense):
     def __call__(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        if not (self.has_variable("params", "kernel_scale") or self.has_variable("params", "lora_a")):
+        quantized, adapted = (self.has_variable("params", n) for n in ("kernel_scale", "lora_a"))
+        if not (quantized or adapted):
             return super().__call__(x).reshape(*lead, self.features)
         get = lambda name: self.get_variable("params", name).astype(self.dtype)  # noqa: E731
         x = x.astype(self.dtype)
         y = x @ get("kernel")
-        if self.has_variable("params", "kernel_scale"):
+        if quantized:
             y = y * get("kernel_scale")
-        if self.has_variable("params", "lora_a"):
+        if adapted:
             xa = x
-            active = _ADAPTER_DROPOUT[-1] if _ADAPTER_DROPOUT else None
+            active = _active_dropout()
             if active is not None:
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - active[0], x.shape)
                 xa = jnp.where(keep, x / (1 - active[0]), 0).astype(x.dtype)
