@@ -327,14 +327,17 @@ def test_dpo_with_precomputed_reference_trains_the_same_without_a_frozen_copy(tm
     for pre in ("false", "true"):
         exp = config.load("experiments/posttrain/dpo.yaml", [
             *FEW_STEPS, "train.steps=3", "optimizer.warmup_steps=1", "logging.every_steps=1",
-            "checkpoint.enabled=false", f"run_dir={tmp_path / pre}",
+            "checkpoint.enabled=false", f"run_dir={tmp_path / pre}", "train.eval_batches=2",
             f"dpo.precompute_reference={pre}"])
         loop.run(exp)
-        lines = (tmp_path / pre / "metrics.jsonl").read_text().splitlines()
-        losses[pre] = [json.loads(line)["loss"] for line in lines]
+        lines = [json.loads(line) for line in
+                 (tmp_path / pre / "metrics.jsonl").read_text().splitlines()]
+        # the last line has the held-out loss and the task's metrics (eval_*) too
+        losses[pre] = [line["loss"] for line in lines] + [lines[-1]["eval_loss"],
+                                                            lines[-1]["eval_rewards/margins"]]
     assert losses["true"][0] == pytest.approx(math.log(2), abs=1e-6)
-    assert losses["true"][2] < math.log(2) - 1e-3  # it trained
-    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-5)
+    assert losses["true"][2] < math.log(2) - 1e-3 and losses["true"][4] > 0  # it trained
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-5, atol=1e-6)
     assert not DPOTask().needs_frozen(exp)
 
     data = ExampleData(exp.data, TOK, batch_size=8, seed=0)

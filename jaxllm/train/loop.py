@@ -194,11 +194,13 @@ def _to_device(batch: dict, exp: Experiment, bsh, where: str) -> dict:
 
 
 def evaluate(eval_step, params, batches, bsh) -> dict:
+    """Held-out loss, perplexity and the task's metrics (eval_*), weighted over all batches."""
     if not batches:
         return {}
-    total, weight = 0.0, 0.0
+    sums: dict = {}
     for b in batches:
-        lw, w = jax.device_get(eval_step(params, to_global(b, bsh)))
-        total, weight = total + float(lw), weight + float(w)
-    loss = total / max(weight, 1.0)
-    return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0)))}
+        for k, v in jax.device_get(eval_step(params, to_global(b, bsh))).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    weight = max(sums.pop("weight"), 1.0)
+    out = {f"eval_{k}": v / weight for k, v in sums.items()}
+    return out | {"eval_ppl": float(np.exp(min(out["eval_loss"], 50.0)))}

@@ -145,10 +145,12 @@ def make_train_step(exp: Experiment, loss_fn: LossFn, optimizer, lr_schedule, me
 
 
 def make_eval_step(exp: Experiment, loss_fn: LossFn, mesh, abstract, frozen=None):
-    """(params, batch) -> (sum of loss x weight, weight), to be summed over eval batches."""
+    """(params, batch) -> {"loss" and each metric times the batch's weight, "weight"}, to be
+    summed over eval batches (loop.evaluate divides once)."""
     def step(params, batch, frozen):
         loss, metrics = loss_fn(params, batch, frozen)
-        return loss * metrics["weight"], metrics["weight"]
+        w = metrics.pop("weight")
+        return {k: v * w for k, v in (metrics | {"loss": loss}).items()} | {"weight": w}
     bsh = sharding.batch_sharding(mesh, exp.mesh.rules)
     jitted = jax.jit(step, in_shardings=(shardings_of(abstract)["params"], bsh,
                                          _shardings_of_arrays(frozen)))
