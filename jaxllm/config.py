@@ -413,6 +413,8 @@ def from_dict(raw: dict, source: str = "<dict>", lines: dict[str, str] | None = 
     if tr.batch_size % tr.grad_accum:
         raise ConfigError(f"{here('train.grad_accum')}: {tr.grad_accum} does not divide "
                           f"train.batch_size={tr.batch_size}")
+    if not 0.0 <= exp.lora.dropout < 1.0:
+        raise ConfigError(f"{here('lora.dropout')}: {exp.lora.dropout} is not in [0, 1)")
     if exp.dpo.precompute_reference and exp.dpo.reference_free:
         raise ConfigError(f"{here('dpo.precompute_reference')}: nothing to precompute with "
                           "dpo.reference_free=true")

@@ -341,8 +341,12 @@ def test_dpo_with_precomputed_reference_trains_the_same_without_a_frozen_copy(tm
     assert not DPOTask().needs_frozen(exp)
 
     data = ExampleData(exp.data, TOK, batch_size=8, seed=0)
-    reference_logps.attach(exp, data, lambda: pytest.fail("recomputed"),
-                           sharding.make_mesh(exp.mesh), tmp_path / "true")
+    mesh = sharding.make_mesh(exp.mesh)
+    reference_logps.attach(exp, data, lambda: pytest.fail("recomputed"), mesh, tmp_path / "true",
+                           resuming=True)
+    (tmp_path / "true" / reference_logps.FILE).write_bytes(b"damaged")  # recomputed, no crash
+    reference_logps.attach(exp, data, lambda: models.init(exp.model, base_key(exp)), mesh,
+                           tmp_path / "true", resuming=True)
     base = models.init(exp.model, base_key(exp))  # the fresh init the run starts from
     rows = {k: jnp.asarray(v[:4]) for k, v in data.train_rows[0].items()}
     want, _ = sequence_logps(base, exp.model, rows, "chosen_")

@@ -63,7 +63,8 @@ class Task:
         """Frozen trees built from the base params (when needs_frozen)."""
         return {"base": lora.quantize(base, exp.lora.base_dtype)} if _frozen_base(exp) else None
 
-    def prepare_data(self, exp: Experiment, data, base_fn, frozen, mesh, run_dir) -> None:
+    def prepare_data(self, exp: Experiment, data, base_fn, frozen, mesh, run_dir,
+                     resuming: bool) -> None:
         """Work on the data that needs the starting model, once before training (DPO's
         reference log-probs); base_fn() gives the base params (loading them on resume)."""
 

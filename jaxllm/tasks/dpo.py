@@ -70,10 +70,10 @@ class DPOTask(Task):
                 if exp.dpo.precompute_reference else {})
         return pair_shapes(exp, batch_size) | refs
 
-    def prepare_data(self, exp, data, base_fn, frozen, mesh, run_dir):
+    def prepare_data(self, exp, data, base_fn, frozen, mesh, run_dir, resuming):
         if exp.dpo.precompute_reference:
             ref = (lambda: reference_params(exp, None, frozen)) if _frozen_base(exp) else base_fn
-            reference_logps.attach(exp, data, ref, mesh, run_dir)
+            reference_logps.attach(exp, data, ref, mesh, run_dir, resuming)
 
     def frozen(self, exp, base, mesh):
         if super().needs_frozen(exp):  # LoRA or prompt tuning: the base is the reference

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import jax
@@ -23,15 +24,16 @@ KEYS = ("chosen_ref_logps", "rejected_ref_logps")
 FILE = "reference_logps.npz"
 
 
-def attach(exp, data, reference_fn, mesh, run_dir) -> None:
-    """Add KEYS to each of data's row sets (train sources, eval), from the file when it matches
-    the rows, else computed with reference_fn() (the reference params) and saved."""
+def attach(exp, data, reference_fn, mesh, run_dir, resuming: bool) -> None:
+    """Add KEYS to each of data's row sets (train sources, eval): when resuming, from the file
+    if it matches the rows; else computed with reference_fn() (the reference params) and saved
+    (a fresh run never trusts a file an earlier run left, whose reference may differ)."""
     splits = {f"train{i}": rows for i, rows in enumerate(data.train_rows)}
     if data.eval_rows is not None:
         splits["eval"] = data.eval_rows
     digests = {name: _digest(rows) for name, rows in splits.items()}
     path = Path(run_dir) / FILE
-    stored = _load(path, digests)
+    stored = _load(path, digests) if resuming else None
     # Every process must take the same branch (the computation is collective).
     if not all(multihost_utils.process_allgather(np.int32(stored is not None))):
         ref, stored = reference_fn(), {}
@@ -72,13 +74,15 @@ def _digest(rows) -> str:
 
 
 def _load(path: Path, digests: dict):
-    if not path.is_file():
+    """The stored values when the file exists, reads and matches the rows, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if any(f"{name}/digest" not in f or str(f[f"{name}/digest"]) != d
+                   for name, d in digests.items()):
+                return None
+            return {name: (f[f"{name}/chosen"], f[f"{name}/rejected"]) for name in digests}
+    except (OSError, ValueError, zipfile.BadZipFile):  # missing or damaged: recompute
         return None
-    with np.load(path, allow_pickle=False) as f:
-        if any(f"{name}/digest" not in f or str(f[f"{name}/digest"]) != d
-               for name, d in digests.items()):
-            return None
-        return {name: (f[f"{name}/chosen"], f[f"{name}/rejected"]) for name in digests}
 
 
 def _save(path: Path, stored: dict, digests: dict) -> None:

@@ -69,7 +69,7 @@ def run(exp: Experiment, *, task=None) -> dict:
     latest = ckpt.latest_step() if ckpt is not None and exp.train.resume else None
     base, frozen = base_and_frozen(exp, task, mesh, need_base=latest is None)
     task.prepare_data(exp, data, lambda: base if base is not None else load_base(exp, mesh),
-                      frozen, mesh, run_dir)
+                      frozen, mesh, run_dir, resuming=latest is not None)
     train_iter = data.train_iterator()
     if latest is not None:
         state, data_state = ckpt.restore(latest, abstract)
