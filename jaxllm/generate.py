@@ -80,11 +80,18 @@ class _InOrder:
 
 def _constrain_cache(cache):
     """Per-layer k/v lists (models.cache_per_layer) sharded by batch and kv heads."""
-    kv = ("act_batch", None, "act_kv_heads", None)
+    kv = ("act_batch", "act_kv_heads", None, None)
     return {"k": [sharding.constrain(x, kv) for x in cache["k"]],
             "v": [sharding.constrain(x, kv) for x in cache["v"]],
             "segment_ids": sharding.constrain(cache["segment_ids"], ("act_batch", None)),
             "index": cache["index"]}
+
+
+def _argmax(x):
+    """First index of each row's maximum, as two plain reductions: XLA:CPU runs jnp.argmax's
+    (value, index) reduction unvectorised (0.17 ms of a 3 ms decode step over 8x8192)."""
+    iota = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == jnp.max(x, -1, keepdims=True), iota, x.shape[-1]), -1)
 
 
 def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *, cfg,
@@ -103,13 +110,14 @@ def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, 
 
     def emit(i, logits, key, done, out, logps, lengths):
         key, sub = jax.random.split(key)
+        logits = logits.astype(jnp.float32)
         if greedy:
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tok = _argmax(logits)
         else:
             filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
             tok = jax.random.categorical(sub, filtered).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
-                                   tok[:, None], axis=-1)[:, 0]
+        picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == tok[:, None], logits, 0), -1)
+        logp = picked - jax.nn.logsumexp(logits, axis=-1)
         tok = jnp.where(done, pad_id, tok)
         if stream:
             jax.debug.callback(_stream, i, tok, ~done)
@@ -123,7 +131,7 @@ def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, 
     logps = jnp.zeros((b, max_new_tokens), jnp.float32)
     lengths = jnp.zeros((b,), jnp.int32)
     done = max_lens <= 0
-    tok, key, done, out, logps, lengths = emit(0, logits[:, -1], key, done, out, logps, lengths)
+    tok, key, done, out, logps, lengths = emit(0, logits, key, done, out, logps, lengths)
 
     def cond(state):
         i, _, _, _, done, *_ = state
@@ -135,7 +143,7 @@ def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, 
         logits, cache = models.decode_step(params, layers, tok[:, None], cfg, positions=pos,
                                            segment_ids=jnp.ones_like(tok[:, None]), cache=cache)
         cache = _constrain_cache(cache)
-        tok, key, done, out, logps, lengths = emit(i, logits[:, -1], key, done, out, logps, lengths)
+        tok, key, done, out, logps, lengths = emit(i, logits, key, done, out, logps, lengths)
         return i + 1, tok, cache, key, done, out, logps, lengths
 
     state = (jnp.int32(1), tok, cache, key, done, out, logps, lengths)

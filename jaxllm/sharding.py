@@ -153,6 +153,12 @@ def batch_shards(mesh: Mesh, rules: ShardingRules) -> int:
     return _shards("act_batch", mesh, rules)
 
 
+def shards(name: str) -> int:
+    """How many ways the logical axis `name` is split on the active mesh (1 outside `use`)."""
+    mesh, rules = current()
+    return 1 if mesh is None else _shards(name, mesh, rules)
+
+
 def _shards(name: str, mesh: Mesh, rules: ShardingRules) -> int:
     return math.prod(mesh.shape[a] for a in spec_axes(logical_to_spec((name,), rules, mesh)[0]))
 

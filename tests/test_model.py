@@ -84,7 +84,34 @@ def test_kv_cache_decode_equals_forward(kw):
                                         positions=jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo)),
                                         segment_ids=jnp.ones((2, hi - lo), jnp.int32))
         steps.append(out)
-    np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapted", ["int8", "int8+lora"])
+def test_decode_step_fuses_only_plain_or_int8_projections(adapted):
+    """unstack_layers joins q/k/v and gate/up into one kernel each where they hold the same
+    kinds of params (int8 kernels with their scales too), not where LoRA adapters sit beside
+    them; either way decode_step's logits are forward()'s."""
+    from jaxllm import lora
+    from jaxllm.config import LoraConfig
+    cfg = small_cfg(qkv_bias=True)
+    params = lora.quantize(models.init(cfg, jax.random.key(0)), "int8")
+    lcfg = LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    adapters = {}
+    if "lora" in adapted:
+        adapters = jax.tree.map(lambda x: x + 0.05, lora.init(lora.abstract(params, lcfg),
+                                                               jax.random.key(1)))
+    params = lora.attach(params, adapters, lcfg)
+    layer = models.unstack_layers(params)[0]
+    assert ("qkv_proj" in layer["self_attn"]) == ("lora" not in adapted)
+    assert set(layer["mlp"]) == {"gate_up_proj", "down_proj"}
+    assert layer["mlp"]["gate_up_proj"]["kernel"].dtype == jnp.int8
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, cfg.vocab_size)
+    cache = models.cache_per_layer(models.init_cache(cfg, 2, 16))
+    got, _ = models.decode_step(params, models.unstack_layers(params), tokens, cfg, cache=cache,
+                                positions=jnp.broadcast_to(jnp.arange(9), (2, 9)),
+                                segment_ids=jnp.ones((2, 9), jnp.int32))
+    np.testing.assert_allclose(got, forward(params, tokens, cfg)[0][:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_packed_segments_equal_separate_documents():
