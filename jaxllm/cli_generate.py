@@ -13,18 +13,25 @@ import jax
 from jaxllm.data.sources import DataError
 
 
+def load_hf_sharded(hf_dir: str):
+    """(ModelConfig, params, mesh, rules) of an HF directory, its params sharded over all
+    devices along fsdp (the default mesh)."""
+    from jaxllm import config, sharding
+    from jaxllm.interop import hf
+    mesh_cfg = config.MeshConfig()
+    mesh = sharding.make_mesh(mesh_cfg)
+    return (*hf.load(hf_dir, mesh=mesh, rules=mesh_cfg.rules), mesh, mesh_cfg.rules)
+
+
 def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = None,
                keep_heads: bool = False, with_mesh: bool = False):
     """(ModelConfig, model params, tokenizer, stop token ids) from a run or an HF directory,
     plus (mesh, rules) when with_mesh. A LoRA run's adapters are applied to its base; a reward
     run's "score" head is kept only with keep_heads (sampling uses the backbone)."""
-    from jaxllm import config, sharding
+    from jaxllm import sharding
     from jaxllm.data.tokenizer import from_pretrained, load_tokenizer
     if hf_dir:
-        from jaxllm.interop import hf
-        mesh_cfg = config.MeshConfig()
-        mesh = sharding.make_mesh(mesh_cfg)
-        cfg, params = hf.load(hf_dir, mesh=mesh, rules=mesh_cfg.rules)
+        cfg, params, mesh, rules = load_hf_sharded(hf_dir)
         tok = from_pretrained(hf_dir)
         stops = {tok.eos_id} if tok.eos_id is not None else set()
         gen = Path(hf_dir) / "generation_config.json"
@@ -32,7 +39,7 @@ def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = No
             eos = json.loads(gen.read_text()).get("eos_token_id")
             stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         out = cfg, params, tok, sorted(stops)
-        return out + ((mesh, mesh_cfg.rules),) if with_mesh else out
+        return out + ((mesh, rules),) if with_mesh else out
     from jaxllm.tasks import get_task
     from jaxllm.tasks.base import model_params
     from jaxllm.train.checkpoint import restore_run_params

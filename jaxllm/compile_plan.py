@@ -9,7 +9,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 
 from jaxllm import sharding
 from jaxllm.config import Experiment

@@ -19,16 +19,11 @@ from jaxllm.config import ConfigError, LoraConfig
 def load_source(spec: str):
     """(ModelConfig, model params) of "run:DIR" (adapters applied) or "hf:DIR" (sharded over
     all devices along fsdp, as `jaxllm generate --hf` loads it)."""
-    from jaxllm import config, sharding
-    from jaxllm.cli_generate import load_model
-    from jaxllm.interop import hf
+    from jaxllm.cli_generate import load_hf_sharded, load_model
     kind, _, where = spec.partition(":")
     if kind not in ("run", "hf") or not where:
         raise ConfigError(f"lora extract: expected run:DIR or hf:DIR, got {spec!r}")
-    if kind == "run":
-        return load_model(where, None)[:2]
-    mesh_cfg = config.MeshConfig()
-    return hf.load(where, mesh=sharding.make_mesh(mesh_cfg), rules=mesh_cfg.rules)
+    return load_model(where, None)[:2] if kind == "run" else load_hf_sharded(where)[:2]
 
 
 def report(kept: dict, energy: dict) -> list[str]:

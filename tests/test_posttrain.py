@@ -12,7 +12,7 @@ from jaxllm import config, lora, models
 from jaxllm.config import DistillConfig, DPOConfig, LoraConfig, RewardConfig
 from jaxllm.data import ByteTokenizer, DataError, synthetic
 from jaxllm.data.examples import example_spans
-from jaxllm.data.posttrain import ExampleData, build_rows, flatten, rows_of
+from jaxllm.data.posttrain import ExampleData, flatten, rows_of
 from jaxllm.tasks import get_task
 from jaxllm.tasks.distill import token_kl
 from jaxllm.tasks.dpo import dpo_losses
@@ -172,6 +172,20 @@ def test_lora_dropout_masks_the_adapters_input_only_inside_training_steps():
     assert not np.allclose(logits(adapted, 0.5, 3), plain, atol=1e-4)
     np.testing.assert_array_equal(logits(adapted, 0.0, 3), plain)
     np.testing.assert_array_equal(logits(base, 0.5, 3), logits(base))  # no adapters, no dropout
+
+
+def test_lora_dropout_keeps_each_input_with_probability_one_minus_rate():
+    """With A = B = I and W = 0 a layer's output is its adapter's dropped-out input: a share
+    `rate` of the entries is zero and the rest are scaled by 1 / (1 - rate)."""
+    from jaxllm.models.llama import _TokenDense
+    rate, d = 0.3, 64
+    eye = jnp.eye(d)
+    layer = {"kernel": jnp.zeros((d, d)), "lora_a": eye, "lora_b": eye}
+    with models.adapter_dropout(rate, jax.random.key(0)):
+        out = np.asarray(_TokenDense(d, use_bias=False).apply(
+            {"params": layer}, jnp.ones((500, d)), rngs=models.adapter_dropout_rngs()))
+    assert abs((out == 0).mean() - rate) < 0.01  # 32,000 draws: the std error is 0.0026
+    np.testing.assert_allclose(out[out != 0], 1 / (1 - rate), rtol=1e-6)
 
 
 def test_lora_int8_base_is_close_to_the_float_base():
