@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from jaxllm import sharding
+from jaxllm import models, sharding
 from jaxllm.config import Experiment
 
 class CompileError(ValueError):
@@ -61,7 +61,8 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
     hbm = HBM_GIB.get(gen, float("nan")) * 1024**3
     head = {"topology": topology, "num_slices": num_slices, "chips": len(devices),
             "mesh": sharding.describe(mesh), "remat": exp.model.remat,
-            "attention": exp.model.attention_impl, "batch": shape, "hbm": hbm}
+            "attention": exp.model.attention_impl, "loss_chunks": exp.model.loss_chunks,
+            "batch": shape, "hbm": hbm}
     try:
         with sharding.use(mesh, exp.mesh.rules):
             compiled = train_step.jitted.lower(abstract, batch, frozen).compile()
@@ -78,7 +79,9 @@ def plan(exp: Experiment, topology: str, num_slices: int = 1) -> dict:
     return {**head, "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
             "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
             "total": total, "fits": total <= hbm,
-            "flops_per_chip": float(cost.get("flops", float("nan")))}
+            "flops_per_chip": float(cost.get("flops", float("nan"))),
+            "model_flops_per_chip": models.flops_per_token(exp.model, shape[1]) * shape[0]
+            * shape[1] / len(devices)}
 
 
 def abstract_frozen(exp: Experiment, task, mesh):
@@ -115,7 +118,9 @@ def describe(p: dict) -> str:
         lines += [f"per chip: arguments {p['arguments'] / gib:.2f} GiB, outputs {p['outputs'] / gib:.2f} "
                   f"GiB (aliased {p['aliased'] / gib:.2f}), temporaries {p['temporaries'] / gib:.2f} "
                   f"GiB, total {p['total'] / gib:.2f} GiB of {p['hbm'] / gib:.0f} GiB HBM",
-                  f"compiled step FLOPs per chip: {p['flops_per_chip']:.4g}"]
+                  f"step FLOPs per chip: model {p['model_flops_per_chip']:.4g} (6N + attention, "
+                  f"no recompute); XLA's count of the compiled step {p['flops_per_chip']:.4g} "
+                  "(a loop body counted once, Pallas kernels not at all)"]
     if p["fits"]:
         lines.append("fits")
     else:
@@ -130,6 +135,8 @@ def knobs(p: dict) -> list[str]:
         out.append("model.remat=full" + (" (or save_dots)" if p["remat"] == "none" else ""))
     if p.get("attention") == "reference":
         out.append("model.attention_impl=flash (no [seq, seq] scores in HBM)")
+    if p.get("loss_chunks") == 1:
+        out.append("model.loss_chunks=8 or more (logits a block of positions at a time)")
     return out + ["a larger mesh.ici.fsdp", "a smaller train.batch_size with train.grad_accum",
                   "mesh.ici.sequence for long sequences", "more chips"]
 

@@ -418,6 +418,9 @@ def from_dict(raw: dict, source: str = "<dict>", lines: dict[str, str] | None = 
     if exp.dpo.precompute_reference and exp.dpo.reference_free:
         raise ConfigError(f"{here('dpo.precompute_reference')}: nothing to precompute with "
                           "dpo.reference_free=true")
+    if exp.data.seq_len % exp.model.loss_chunks:
+        raise ConfigError(f"{here('model.loss_chunks')}: {exp.model.loss_chunks} does not divide "
+                          f"data.seq_len={exp.data.seq_len}")
     if exp.data.seq_len > exp.model.max_seq_len:
         raise ConfigError(f"{here('data.seq_len')}: {exp.data.seq_len} exceeds "
                           f"model.max_seq_len={exp.model.max_seq_len}")

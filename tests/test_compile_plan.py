@@ -20,6 +20,13 @@ def test_memory_plan_for_a_tpu_slice_and_remat_differences():
     assert none["arguments"] > 0 and none["flops_per_chip"] > 0 and none["fits"]
     assert full["temporaries"] < none["temporaries"]  # full remat really saves activations
     assert full["flops_per_chip"] > none["flops_per_chip"]  # ... by recomputing them
+    # With a large vocabulary the logits dominate; forming them 8 blocks at a time cuts them.
+    whole, blocks = (compile_plan.plan(compile_plan.with_remat(config.load(None, [
+        *SMALL, "model.vocab_size=32768", "data.seq_len=2048", "model.max_seq_len=2048",
+        f"model.loss_chunks={n}"]), "full"), "v5e:2x2")
+        for n in (1, 8))
+    assert blocks["temporaries"] < 0.5 * whole["temporaries"], (blocks, whole)
+    assert blocks["model_flops_per_chip"] == whole["model_flops_per_chip"]
 
 
 @pytest.mark.tpu_aot
@@ -69,10 +76,12 @@ def test_a_plan_that_does_not_fit_names_the_knobs_left():
     p = {"topology": "v5p:4x4x4", "num_slices": 1, "chips": 64, "mesh": "fsdp=64",
          "remat": "save_dots", "attention": "reference", "batch": (128, 8192), "hbm": 95 * gib,
          "arguments": gib, "outputs": gib, "aliased": gib, "temporaries": 124 * gib,
-         "total": 125 * gib, "fits": False, "flops_per_chip": 1e14}
+         "total": 125 * gib, "fits": False, "flops_per_chip": 1e14, "model_flops_per_chip": 2e15,
+         "loss_chunks": 1}
     text = compile_plan.describe(p)
     assert "batch 128 x 8192 tokens, remat=save_dots, attention=reference" in text
     assert "DOES NOT FIT: try model.remat=full, model.attention_impl=flash" in text
+    assert "model.loss_chunks=8 or more" in text and "model 2e+15" in text
     text = compile_plan.describe({**p, "remat": "full", "attention": "flash"})
     assert "remat=full," not in text.splitlines()[-1] and "attention_impl" not in text.splitlines()[-1]
     assert "mesh.ici.sequence" in text

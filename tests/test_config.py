@@ -64,6 +64,10 @@ def test_wrong_type_names_key_type_and_value(tmp_path):
         config.load(None, ["model.preset=llama3-9b"])
     with pytest.raises(ConfigError, match=r"model.num_kv_heads: 3 does not divide num_heads=8"):
         config.load(None, ["model.num_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"model.loss_chunks: 3 does not divide data.seq_len=512"):
+        config.load(None, ["model.loss_chunks=3", "data.seq_len=512"])
+    with pytest.raises(ConfigError, match=r"model.loss_chunks: must be positive, got 0"):
+        config.load(None, ["model.loss_chunks=0"])
     with pytest.raises(ConfigError, match=r"lora.dropout: 1.0 is not in \[0, 1\)"):
         config.load(None, ["lora.dropout=1.0"])
     with pytest.raises(ConfigError, match=r"dpo.precompute_reference: nothing to precompute"):

@@ -1,5 +1,6 @@
 """Post-training: loss formulas on hand-computed values, masks and packing, LoRA, data errors."""
 import dataclasses
+import functools
 import json
 import math
 
@@ -186,6 +187,54 @@ def test_lora_dropout_keeps_each_input_with_probability_one_minus_rate():
             {"params": layer}, jnp.ones((500, d)), rngs=models.adapter_dropout_rngs()))
     assert abs((out == 0).mean() - rate) < 0.01  # 32,000 draws: the std error is 0.0026
     np.testing.assert_allclose(out[out != 0], 1 / (1 - rate), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_blockwise_loss_head_equals_the_whole_one_and_holds_less(tied):
+    """model.loss_chunks=4 gives the loss, gradients and per-token log-probs of one whole
+    [B, S, V] logits tensor, on packed rows, and its compiled step holds less memory (by more
+    than the whole logits' size)."""
+    from jaxllm.tasks import pretrain
+    from jaxllm.tasks.sequences import token_logps
+    exp = config.load(None, [*TINY, "model.vocab_size=4096", f"model.tie_embeddings={tied}",
+                             "model.max_seq_len=256", "data.seq_len=256"])
+    cfg = exp.model
+    params = models.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, cfg.vocab_size)
+    seg = jnp.concatenate([jnp.ones((2, 150), jnp.int32), 2 * jnp.ones((2, 106), jnp.int32)], 1)
+    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "segment_ids": seg,
+             "positions": models.positions_from_segments(seg), "loss_mask": seg > 0}
+    step = {n: jax.jit(jax.value_and_grad(functools.partial(
+        pretrain.loss, cfg=cfg.replace(loss_chunks=n)), has_aux=True)) for n in (1, 4)}
+    (whole, _), g_whole = step[1](params, batch)
+    (blocks, _), g_blocks = step[4](params, batch)
+    assert float(blocks) == pytest.approx(float(whole), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_blocks, g_whole)
+    np.testing.assert_allclose(token_logps(params, cfg.replace(loss_chunks=4), batch),
+                               token_logps(params, cfg, batch), rtol=1e-5, atol=1e-6)
+    temp = {n: f.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+            for n, f in step.items()}
+    assert temp[1] - temp[4] > 2 * 256 * cfg.vocab_size * 4, temp  # a whole fp32 [B,S,V] less
+
+
+def test_blockwise_loss_head_draws_its_own_lm_head_dropout_per_block():
+    from jaxllm.tasks import pretrain
+    exp = config.load(None, [*TINY, "model.loss_chunks=4"])
+    base = models.init(exp.model, jax.random.key(0))
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets=("lm_head",), dropout=0.5)
+    adapters = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(1), x.shape),
+                            lora.abstract(base, lcfg))
+    params = lora.attach(base, adapters, lcfg)
+    # Every token its own document at position 0, token p // 4 at p: block i (positions
+    # i, i+4, ...) sees tokens 0..11, the same hidden states as every other block.
+    tokens = jnp.repeat(jnp.arange(12, dtype=jnp.int32), 4)[None]
+    rows = {"tokens": tokens, "targets": tokens, "segment_ids": jnp.arange(1, 49)[None],
+            "positions": jnp.zeros_like(tokens)}
+    with models.adapter_dropout(0.5, jax.random.key(2)):
+        nll = np.asarray(pretrain.rows_cross_entropy(params, rows, exp.model)[0]).reshape(12, 4)
+    assert not np.allclose(nll[:, 0], nll[:, 1])  # same inputs, different masks per block
+    plain = np.asarray(pretrain.rows_cross_entropy(params, rows, exp.model)[0]).reshape(12, 4)
+    np.testing.assert_allclose(plain[:, 0], plain[:, 1], rtol=1e-6)
 
 
 def test_lora_int8_base_is_close_to_the_float_base():

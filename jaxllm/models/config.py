@@ -40,6 +40,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "save_dots", "save_qkv"] = "none"
+    # Training losses form each row's logits in this many strided blocks, each recomputed in
+    # the backward pass, so one block's [B, S/n, V] logits is live instead of all of them.
+    loss_chunks: int = 1
     scan_layers: bool = True  # False: the same stacked params, the layer loop unrolled
     attention_impl: Literal["reference", "flash", "cudnn"] = "reference"
     flash_interpret: bool = False  # run the Pallas kernel in interpret mode (CPU tests)
@@ -55,7 +58,7 @@ class ModelConfig:
         def bad(key, msg):
             raise ValueError(f"{where}.{key}: {msg}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "max_seq_len"):
+                    "num_kv_heads", "max_seq_len", "loss_chunks"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
         if self.num_heads % self.num_kv_heads:

@@ -101,13 +101,13 @@ def adapter_dropout(rate: float, key):
         _ADAPTER_DROPOUT.pop()
 
 
-def _active_dropout():
+def active_dropout():
     """(rate, key) inside adapter_dropout with a rate > 0, else None."""
     return _ADAPTER_DROPOUT[-1] if _ADAPTER_DROPOUT else None
 
 
 def adapter_dropout_rngs():
-    active = _active_dropout()
+    active = active_dropout()
     return None if active is None else {"dropout": active[1]}
 
 
@@ -135,7 +135,7 @@ class _TokenDense(nn.Dense):
             y = y * get("kernel_scale")
         if adapted:
             xa = x
-            active = _active_dropout()
+            active = active_dropout()
             if active is not None:
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - active[0], x.shape)
                 xa = jnp.where(keep, x / (1 - active[0]), 0).astype(x.dtype)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import models
+from jaxllm.models.llama import active_dropout
 from jaxllm.tasks.base import Task, model_params, row_shapes
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -26,11 +27,41 @@ def token_cross_entropy(logits, targets):
     return lse - target_logit, lse
 
 
+def rows_cross_entropy(params, rows: dict, cfg: models.ModelConfig, prefix: str = ""):
+    """token_cross_entropy of rows (tokens, targets, positions, segment_ids) -> nll, lse [B, S].
+
+    With cfg.loss_chunks = n > 1 the logits are formed in n blocks of strided positions (block
+    i holds i, i+n, i+2n, ..., so a sequence split over devices stays split without moving)
+    and each block is recomputed in the backward pass: only [B, S/n, V] logits are live at a
+    time. At long context these dominate memory (fp32, 2 GiB per 4k tokens at a 128k vocab)."""
+    tokens, targets = rows[prefix + "tokens"], rows[prefix + "targets"]
+    args = dict(positions=rows[prefix + "positions"], segment_ids=rows[prefix + "segment_ids"])
+    n = cfg.loss_chunks
+    if n == 1:
+        return token_cross_entropy(models.forward(params, tokens, cfg, **args)[0], targets)
+    hidden, _ = models.hidden_states(params, tokens, cfg, **args)
+    head = {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
+    b, s, d = hidden.shape
+    if s % n:
+        raise ValueError(f"model.loss_chunks={n} does not divide the rows' length {s}")
+    dropout = active_dropout()
+
+    @jax.checkpoint
+    def block(i, h, t):
+        if dropout is None:
+            return token_cross_entropy(models.unembed(head, h, cfg), t)
+        # LoRA dropout on lm_head: each block draws its own masks.
+        with models.adapter_dropout(dropout[0], jax.random.fold_in(dropout[1], i)):
+            return token_cross_entropy(models.unembed(head, h, cfg), t)
+    nll, lse = jax.lax.map(lambda x: block(*x), (
+        jnp.arange(n), hidden.reshape(b, s // n, n, d).transpose(2, 0, 1, 3),
+        targets.reshape(b, s // n, n).transpose(2, 0, 1)))
+    return tuple(x.transpose(1, 2, 0).reshape(b, s) for x in (nll, lse))
+
+
 def loss(params, batch, cfg: models.ModelConfig, *, z_loss: float = 0.0):
     """Mean cross-entropy over the tokens with loss_mask; metrics carry the token count."""
-    logits, _ = models.forward(params, batch["tokens"], cfg, positions=batch["positions"],
-                               segment_ids=batch["segment_ids"])
-    nll, lse = token_cross_entropy(logits, batch["targets"])
+    nll, lse = rows_cross_entropy(params, batch, cfg)
     mask = batch["loss_mask"].astype(jnp.float32)
     weight = jnp.maximum(mask.sum(), 1.0)
     ce = (nll * mask).sum() / weight

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxllm import models
 from jaxllm.data.posttrain import ROW_KEYS
-from jaxllm.tasks.pretrain import token_cross_entropy
+from jaxllm.tasks.pretrain import rows_cross_entropy
 
 
 def token_logps(params, cfg, rows: dict, prefix: str = ""):
     """log p(target) per position [B, S] (fp32) for rows with tokens/targets/segments/positions."""
-    logits, _ = models.forward(params, rows[prefix + "tokens"], cfg,
-                               positions=rows[prefix + "positions"],
-                               segment_ids=rows[prefix + "segment_ids"])
-    nll, _ = token_cross_entropy(logits, rows[prefix + "targets"])
-    return -nll
+    return -rows_cross_entropy(params, rows, cfg, prefix)[0]
 
 
 def sequence_logps(params, cfg, rows: dict, prefix: str = ""):
