@@ -425,6 +425,30 @@ def teacher_run(tmp_path_factory):
 
 
 
+def test_distill_loss_over_blocks_equals_the_whole_logits():
+    """With model.loss_chunks the student's and the (wider) teacher's logits are formed a block
+    at a time: the same KL and cross-entropy, the same gradients."""
+    from jaxllm.tasks.distill import DistillTask
+    exp = config.load(None, [*TINY, "task=distill", "distill.sft_weight=0.5"])
+    task = DistillTask()
+    task.teacher_cfg = exp.model.replace(hidden_size=96, num_layers=1)
+    frozen = {"teacher": models.init(task.teacher_cfg, jax.random.key(5))}
+    params = models.init(exp.model, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, exp.model.vocab_size)
+    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "positions":
+             jnp.broadcast_to(jnp.arange(48), (2, 48)), "segment_ids": jnp.ones_like(tokens),
+             "loss_mask": jnp.ones_like(tokens)}
+    out = {}
+    for n in (1, 4):
+        blocked = dataclasses.replace(exp, model=exp.model.replace(loss_chunks=n))
+        out[n] = jax.value_and_grad(task.loss_fn(blocked), has_aux=True)(params, batch, frozen)
+    (whole, m1), g1 = out[1]
+    (blocks, m4), g4 = out[4]
+    assert float(m1["kl"]) > 0 and float(blocks) == pytest.approx(float(whole), rel=1e-6)
+    assert float(m4["ce_loss"]) == pytest.approx(float(m1["ce_loss"]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g4, g1)
+
+
 def test_distill_example_config_trains_from_a_teacher_run(tmp_path, teacher_run):
     """The shipped distillation config, with the shipped full-SFT config's run as teacher
     (sft_lora, dpo and reward configs run in the LoRA, DPO and reward export tests)."""

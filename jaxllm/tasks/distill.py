@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxllm import models
 from jaxllm.config import DistillConfig, Experiment
 from jaxllm.tasks.base import Task, model_params
-from jaxllm.tasks.pretrain import token_cross_entropy
+from jaxllm.tasks.pretrain import head_params, over_blocks, token_cross_entropy
 
 
 def token_kl(student_logits, teacher_logits, cfg: DistillConfig):
@@ -63,12 +63,20 @@ class DistillTask(Task):
 
         def loss(params, batch, frozen):
             args = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-            logits, _ = models.forward(model_params(exp, params, frozen), batch["tokens"], cfg, **args)
-            t_logits, _ = models.forward(frozen["teacher"], batch["tokens"], self.teacher_cfg, **args)
+            student, teacher = model_params(exp, params, frozen), frozen["teacher"]
+            hidden, _ = models.hidden_states(student, batch["tokens"], cfg, **args)
+            t_hidden, _ = models.hidden_states(teacher, batch["tokens"], self.teacher_cfg, **args)
+            head, t_head = head_params(student), head_params(teacher)
+
+            def per_token(h, t_h, targets):  # both models' logits, model.loss_chunks at a time
+                logits = models.unembed(head, h, cfg)
+                t_logits = jax.lax.stop_gradient(models.unembed(t_head, t_h, self.teacher_cfg))
+                return token_kl(logits, t_logits, dcfg), token_cross_entropy(logits, targets)[0]
+            kl, ce = over_blocks(cfg.loss_chunks, per_token, hidden,
+                                 jax.lax.stop_gradient(t_hidden), batch["targets"])
             mask = batch["loss_mask"].astype(jnp.float32)
             w = jnp.maximum(mask.sum(), 1.0)
-            kl = (token_kl(logits, jax.lax.stop_gradient(t_logits), dcfg) * mask).sum() / w
-            ce = (token_cross_entropy(logits, batch["targets"])[0] * mask).sum() / w
+            kl, ce = (kl * mask).sum() / w, (ce * mask).sum() / w
             total = kl + dcfg.sft_weight * ce if dcfg.sft_weight else kl
             return total, {"kl": kl, "ce_loss": ce, "weight": mask.sum()}
         return loss

@@ -27,36 +27,45 @@ def token_cross_entropy(logits, targets):
     return lse - target_logit, lse
 
 
-def rows_cross_entropy(params, rows: dict, cfg: models.ModelConfig, prefix: str = ""):
-    """token_cross_entropy of rows (tokens, targets, positions, segment_ids) -> nll, lse [B, S].
-
-    With cfg.loss_chunks = n > 1 the logits are formed in n blocks of strided positions (block
-    i holds i, i+n, i+2n, ..., so a sequence split over devices stays split without moving)
-    and each block is recomputed in the backward pass: only [B, S/n, V] logits are live at a
-    time. At long context these dominate memory (fp32, 2 GiB per 4k tokens at a 128k vocab)."""
-    tokens, targets = rows[prefix + "tokens"], rows[prefix + "targets"]
-    args = dict(positions=rows[prefix + "positions"], segment_ids=rows[prefix + "segment_ids"])
-    n = cfg.loss_chunks
+def over_blocks(n: int, fn, *xs):
+    """fn(*parts) -> per-position outputs, applied to n blocks of strided positions of xs
+    ([B, S, ...] each; block i holds positions i, i+n, i+2n, ..., so a sequence split over
+    devices stays split without moving) and reassembled to [B, S, ...]. Each block runs under
+    jax.checkpoint, so its intermediates (the logits) are live one block at a time and
+    recomputed in the backward pass; LoRA dropout draws its own masks per block."""
     if n == 1:
-        return token_cross_entropy(models.forward(params, tokens, cfg, **args)[0], targets)
-    hidden, _ = models.hidden_states(params, tokens, cfg, **args)
-    head = {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
-    b, s, d = hidden.shape
+        return fn(*xs)
+    b, s = xs[0].shape[:2]
     if s % n:
         raise ValueError(f"model.loss_chunks={n} does not divide the rows' length {s}")
     dropout = active_dropout()
 
     @jax.checkpoint
-    def block(i, h, t):
+    def block(i, *parts):
         if dropout is None:
-            return token_cross_entropy(models.unembed(head, h, cfg), t)
-        # LoRA dropout on lm_head: each block draws its own masks.
+            return fn(*parts)
         with models.adapter_dropout(dropout[0], jax.random.fold_in(dropout[1], i)):
-            return token_cross_entropy(models.unembed(head, h, cfg), t)
-    nll, lse = jax.lax.map(lambda x: block(*x), (
-        jnp.arange(n), hidden.reshape(b, s // n, n, d).transpose(2, 0, 1, 3),
-        targets.reshape(b, s // n, n).transpose(2, 0, 1)))
-    return tuple(x.transpose(1, 2, 0).reshape(b, s) for x in (nll, lse))
+            return fn(*parts)
+    split = lambda x: jnp.moveaxis(x.reshape(b, s // n, n, *x.shape[2:]), 2, 0)  # noqa: E731
+    outs = jax.lax.map(lambda a: block(*a), (jnp.arange(n), *map(split, xs)))
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 2).reshape(b, s, *y.shape[3:]), outs)
+
+
+def head_params(params) -> dict:
+    """The params the output projection reads (models.unembed), tied or not."""
+    return {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
+
+
+def rows_cross_entropy(params, rows: dict, cfg: models.ModelConfig, prefix: str = ""):
+    """token_cross_entropy of rows (tokens, targets, positions, segment_ids) -> nll, lse [B, S],
+    the logits formed cfg.loss_chunks blocks at a time (over_blocks): at long context they
+    dominate memory (fp32, 2 GiB per 4k tokens at a 128k vocabulary)."""
+    hidden, _ = models.hidden_states(params, rows[prefix + "tokens"], cfg,
+                                     positions=rows[prefix + "positions"],
+                                     segment_ids=rows[prefix + "segment_ids"])
+    head = head_params(params)
+    return over_blocks(cfg.loss_chunks, lambda h, t: token_cross_entropy(
+        models.unembed(head, h, cfg), t), hidden, rows[prefix + "targets"])
 
 
 def loss(params, batch, cfg: models.ModelConfig, *, z_loss: float = 0.0):
