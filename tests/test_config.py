@@ -58,20 +58,21 @@ def test_wrong_type_names_key_type_and_value(tmp_path):
     p = write(tmp_path, "model:\n  num_layers: four\n")
     with pytest.raises(ConfigError, match=r"exp.yaml:2: model.num_layers: expected int, got str 'four'"):
         config.load(p)
-    with pytest.raises(ConfigError, match=r"model.attention_impl: 'flsh' is not one of .*did you mean 'flash'"):
-        config.load(None, ["model.attention_impl=flsh"])
-    with pytest.raises(ConfigError, match=r"model.preset: unknown preset 'llama3-9b'; did you mean 'llama3-8b'"):
-        config.load(None, ["model.preset=llama3-9b"])
-    with pytest.raises(ConfigError, match=r"model.num_kv_heads: 3 does not divide num_heads=8"):
-        config.load(None, ["model.num_kv_heads=3"])
-    with pytest.raises(ConfigError, match=r"model.loss_chunks: 3 does not divide data.seq_len=512"):
-        config.load(None, ["model.loss_chunks=3", "data.seq_len=512"])
-    with pytest.raises(ConfigError, match=r"model.loss_chunks: must be positive, got 0"):
-        config.load(None, ["model.loss_chunks=0"])
-    with pytest.raises(ConfigError, match=r"lora.dropout: 1.0 is not in \[0, 1\)"):
-        config.load(None, ["lora.dropout=1.0"])
-    with pytest.raises(ConfigError, match=r"dpo.precompute_reference: nothing to precompute"):
-        config.load(None, ["dpo.precompute_reference=true", "dpo.reference_free=true"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention_impl=flsh"], r"model.attention_impl: 'flsh' is not one of .*did you mean 'flash'"),
+    (["model.preset=llama3-9b"], r"model.preset: unknown preset 'llama3-9b'; did you mean 'llama3-8b'"),
+    (["model.num_kv_heads=3"], r"model.num_kv_heads: 3 does not divide num_heads=8"),
+    (["model.loss_chunks=3", "data.seq_len=512"], r"model.loss_chunks: 3 does not divide data.seq_len=512"),
+    (["model.loss_chunks=0"], r"model.loss_chunks: must be positive, got 0"),
+    (["lora.dropout=1.0"], r"lora.dropout: 1.0 is not in \[0, 1\)"),
+    (["dpo.precompute_reference=true", "dpo.reference_free=true"],
+     r"dpo.precompute_reference: nothing to precompute"),
+])
+def test_bad_values_name_their_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, overrides)
 
 
 def test_missing_file_and_bad_sweep(tmp_path):

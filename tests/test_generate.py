@@ -9,7 +9,7 @@ import pytest
 
 from jaxllm import models, sharding
 from jaxllm.config import MeshConfig, ShardingRules
-from jaxllm.generate import _generate, filter_logits, generate, pad_prompts
+from jaxllm.generate import _argmax, _generate, filter_logits, generate, pad_prompts
 
 torch = pytest.importorskip("torch")
 from test_model import forward, hf_model  # noqa: E402
@@ -144,3 +144,11 @@ def test_sampling_on_a_mesh_equals_one_device(imported):
         stop_tokens=(), pad_id=0, stream=True, mesh=mesh, rules=rules).as_text()
     cache = f"tensor<4x{cfg.num_kv_heads}x{16 + NEW}x{cfg.dim_per_head}x"
     assert f'[{{"data", "fsdp"}}, {{"tensor"}}, {{}}, {{}}]> : {cache}' in text
+
+
+def test_greedy_argmax_takes_the_first_maximum_and_stays_in_the_vocabulary():
+    x = np.random.default_rng(0).normal(size=(16, 300)).astype(np.float32)
+    x[0, [5, 9]] = 10.0  # a tie: the first index wins, as with np.argmax
+    np.testing.assert_array_equal(_argmax(jnp.asarray(x)), np.argmax(x, -1))
+    x[1, 3] = np.nan
+    assert 0 <= int(_argmax(jnp.asarray(x))[1]) < 300

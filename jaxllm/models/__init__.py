@@ -127,9 +127,9 @@ def _fuse_projections(layer: dict) -> dict:
     layer = dict(layer)
     for module, (fused, parts, axis) in _FUSABLE.items():
         sub = layer[module]
-        names = {frozenset(sub[p]) for p in parts}
+        kinds = {frozenset(sub[p]) for p in parts}  # the param names each projection holds
         # Adapters (lora_a differs per projection) and a split output axis stay unfused.
-        if len(names) > 1 or not names.pop() <= {"kernel", "bias", "kernel_scale"} \
+        if len(kinds) > 1 or not set(sub[parts[0]]) <= {"kernel", "bias", "kernel_scale"} \
                 or shards(axis) > 1:
             continue
         joined = {k: jnp.concatenate([sub[p][k] for p in parts], -1) for k in sub[parts[0]]}
