@@ -12,6 +12,7 @@ tensor), and the results are replicated, so every process of a multi-host run ha
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable, Sequence
 
 import jax
@@ -96,8 +97,8 @@ def _argmax(x):
     return jnp.minimum(jnp.min(jnp.where(x == jnp.max(x, -1, keepdims=True), iota, v), -1), v - 1)
 
 
-def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *, cfg,
-            max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream):
+def _decode(params, fused, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *,
+            cfg, max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream):
     b, p = tokens.shape
     tokens, segment_ids, positions = (sharding.constrain(x, ("act_batch", None))
                                       for x in (tokens, segment_ids, positions))
@@ -143,7 +144,8 @@ def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, 
         i, tok, cache, key, done, out, logps, lengths = state
         pos = (next_pos + i - 1)[:, None]
         logits, cache = models.decode_step(params, layers, tok[:, None], cfg, positions=pos,
-                                           segment_ids=jnp.ones_like(tok[:, None]), cache=cache)
+                                           segment_ids=jnp.ones_like(tok[:, None]), cache=cache,
+                                           fused=fused)
         cache = _constrain_cache(cache)
         tok, key, done, out, logps, lengths = emit(i, logits, key, done, out, logps, lengths)
         return i + 1, tok, cache, key, done, out, logps, lengths
@@ -156,11 +158,11 @@ def _decode(params, tokens, segment_ids, positions, max_lens, key, temperature, 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "stop_tokens", "pad_id", "stream",
     "mesh", "rules"))
-def _generate(params, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *, cfg,
-              max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream, mesh, rules):
+def _generate(params, fused, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *,
+              cfg, max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream, mesh, rules):
     static = dict(cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p, stop_tokens=stop_tokens, pad_id=pad_id, stream=stream)
-    args = (params, tokens, segment_ids, positions, max_lens, key, temperature, top_p)
+    args = (params, fused, tokens, segment_ids, positions, max_lens, key, temperature, top_p)
     if mesh is None:
         return _decode(*args, **static)
     # The mesh is a static argument (not only the context at trace time), so the same call
@@ -169,6 +171,38 @@ def _generate(params, tokens, segment_ids, positions, max_lens, key, temperature
         out = _decode(*args, **static)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.lax.with_sharding_constraint(out, replicated)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _fused_weights(params, cfg):
+    return models.fused_decode_weights(params, models.unstack_layers(params), cfg)
+
+
+# (cfg, weak references to the params' leaves, their fused decode weights) for the params
+# sampled from last: packing costs about as much as a prefill (bench-7m: 19 ms), and samplers
+# are called again and again with the same weights. The entry goes when those params do.
+_FUSED: list = []
+
+
+def _fused_for(params, cfg):
+    """models.fused_decode_weights for params (None where they do not apply), made once per
+    set of weights."""
+    leaves = jax.tree.leaves(params)
+    for c, refs, fused in _FUSED:
+        if c == cfg and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+            return fused
+    fused = _fused_weights(params, cfg)
+    entry: tuple = ()
+
+    def drop(_):  # one of these params was freed: free their fused weights too
+        if _FUSED and _FUSED[0] is entry:
+            _FUSED.clear()
+    try:
+        entry = (cfg, [weakref.ref(x, drop) for x in leaves], fused)
+    except TypeError:  # a leaf that cannot be weakly referenced: no caching
+        return fused
+    _FUSED[:] = [entry]
+    return fused
 
 
 def _params_mesh(params):
@@ -211,8 +245,9 @@ def generate(params, cfg: models.ModelConfig, prompts: Sequence[Sequence[int]], 
     if on_token is not None:
         _LISTENERS.append(_InOrder(on_token))
     try:
+        fused = None if mesh is not None else _fused_for(params, cfg)
         out, logps, lengths = _generate(
-            params, tokens, seg, pos, max_lens, key, np.float32(temperature or 1.0),
+            params, fused, tokens, seg, pos, max_lens, key, np.float32(temperature or 1.0),
             np.float32(top_p), cfg=cfg, max_new_tokens=max_new_tokens,
             greedy=temperature == 0.0, top_k=int(top_k), use_top_p=top_p < 1.0,
             stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id),

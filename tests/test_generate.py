@@ -139,7 +139,7 @@ def test_sampling_on_a_mesh_equals_one_device(imported):
     # The program constrains each layer's cache [batch, kv_heads, slots, head_dim] as the rules say.
     tokens, seg, pos = pad_prompts(prompts, 0, 16)
     text = _generate.lower(
-        sharded, tokens, seg, pos, np.full(4, NEW, np.int32), kw["key"], np.float32(1),
+        sharded, None, tokens, seg, pos, np.full(4, NEW, np.int32), kw["key"], np.float32(1),
         np.float32(1), cfg=cfg, max_new_tokens=NEW, greedy=False, top_k=3, use_top_p=False,
         stop_tokens=(), pad_id=0, stream=True, mesh=mesh, rules=rules).as_text()
     cache = f"tensor<4x{cfg.num_kv_heads}x{16 + NEW}x{cfg.dim_per_head}x"

@@ -16,11 +16,13 @@ from jaxllm.models.config import ModelConfig, RopeScaling
 from jaxllm.models.counting import count_params, flops_per_token, memory_estimate
 from jaxllm.models.llama import Block, Decoder, adapter_dropout, adapter_dropout_rngs
 from jaxllm.models.presets import PRESETS, preset
+from jaxllm.models.decode import (cache_per_layer, decode_step, fused_decode_weights,
+                                 unstack_layers)
 
 __all__ = ["ModelConfig", "RopeScaling", "PRESETS", "preset", "init", "forward", "hidden_states",
            "init_cache", "logical_axes", "abstract_params", "init_sharded", "count_params",
            "flops_per_token", "memory_estimate", "positions_from_segments", "adapter_dropout",
-           "decode_step", "unstack_layers", "cache_per_layer"]
+           "decode_step", "unstack_layers", "cache_per_layer", "fused_decode_weights"]
 
 
 def _dummy(cfg: ModelConfig):
@@ -104,67 +106,6 @@ def unembed(params, hidden, cfg: ModelConfig):
     """Logits from hidden states (applies the tied embedding or lm_head)."""
     return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.logits,
                               rngs=adapter_dropout_rngs())
-
-
-def unstack_layers(params) -> list:
-    """The stacked layer params as one tree per layer, for decode_step. The q/k/v and the
-    gate/up kernels become one wider kernel each (qkv_proj, gate_up_proj) where they are plain
-    or int8 and their output axis is not split over the mesh: a decode step is bound by reading
-    weights, and XLA:CPU streams one wide kernel faster than two or three narrow ones
-    (bench-7m's MLP with its weights out of cache: 350 -> 220 us per layer)."""
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return [_fuse_projections(jax.tree.map(lambda a, i=i: a[i], params["layers"]))
-            for i in range(n)]
-
-
-# module -> (fused name, parts in output order, logical axis of their outputs)
-_FUSABLE = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj"), "heads"),
-            "mlp": ("gate_up_proj", ("gate_proj", "up_proj"), "mlp")}
-
-
-def _fuse_projections(layer: dict) -> dict:
-    from jaxllm.sharding import shards
-    layer = dict(layer)
-    for module, (fused, parts, axis) in _FUSABLE.items():
-        sub = layer[module]
-        kinds = {frozenset(sub[p]) for p in parts}  # the param names each projection holds
-        # Adapters (lora_a differs per projection) and a split output axis stay unfused.
-        if len(kinds) > 1 or not set(sub[parts[0]]) <= {"kernel", "bias", "kernel_scale"} \
-                or shards(axis) > 1:
-            continue
-        joined = {k: jnp.concatenate([sub[p][k] for p in parts], -1) for k in sub[parts[0]]}
-        layer[module] = {k: v for k, v in sub.items() if k not in parts} | {fused: joined}
-    return layer
-
-
-def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, segment_ids,
-                cache: dict):
-    """forward() with a KV cache for a sampler's loop: `layers` comes from unstack_layers(params)
-    and the cache holds per-layer lists (cache_per_layer), both made once outside the loop, so
-    a step neither slices the stacked weights nor re-stacks the cache (on XLA:CPU those copies
-    took 35% of a decode step). Returns the logits of the last position only, [B, V] (a prefill
-    need not project every prompt token onto the vocabulary), equal to forward()'s there."""
-    if "soft_prompt" in params:
-        raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
-    top = {k: v for k, v in params.items() if k != "layers"}
-    decoder, block = Decoder(cfg), Block(cfg)
-    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)
-    start = cache["index"]
-    seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
-    ks, vs = [], []
-    for layer, k, v in zip(layers, cache["k"], cache["v"]):
-        x, kv = block.apply({"params": layer}, x, positions, segment_ids, {"k": k, "v": v},
-                            (start, seg))
-        ks.append(kv["k"])
-        vs.append(kv["v"])
-    logits = decoder.apply({"params": top}, x[:, -1:], method=Decoder.head)[:, 0]
-    return logits, {"k": ks, "v": vs, "segment_ids": seg, "index": start + tokens.shape[1]}
-
-
-def cache_per_layer(cache: dict) -> dict:
-    """A stacked cache (init_cache, forward) as per-layer k/v lists (decode_step)."""
-    n = cache["k"].shape[0]
-    return cache | {"k": [cache["k"][i] for i in range(n)], "v": [cache["v"][i] for i in range(n)]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

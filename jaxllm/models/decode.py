@@ -1,0 +1,132 @@
+"""Decoding with a KV cache: the per-layer weights and cache a sampler's loop uses, and one
+decode step. On XLA:CPU with float32 weights a one-token step can run as one fused kernel call
+per layer (jaxllm.kernels.cpu_decode); fused_decode_weights says whether it applies."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import sharding
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.llama import Block, Decoder, attention_mask, rope_inv_freq
+
+
+def unstack_layers(params) -> list:
+    """The stacked layer params as one tree per layer, for decode_step. The q/k/v and the
+    gate/up kernels become one wider kernel each (qkv_proj, gate_up_proj) where they are plain
+    or int8 and their output axis is not split over the mesh: a decode step is bound by reading
+    weights, and XLA:CPU streams one wide kernel faster than two or three narrow ones
+    (bench-7m's MLP with its weights out of cache: 350 -> 220 us per layer)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return [_fuse_projections(jax.tree.map(lambda a, i=i: a[i], params["layers"]))
+            for i in range(n)]
+
+
+# module -> (fused name, parts in output order, logical axis of their outputs)
+_FUSABLE = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj"), "heads"),
+            "mlp": ("gate_up_proj", ("gate_proj", "up_proj"), "mlp")}
+
+
+def _fuse_projections(layer: dict) -> dict:
+    layer = dict(layer)
+    for module, (fused, parts, axis) in _FUSABLE.items():
+        sub = layer[module]
+        kinds = {frozenset(sub[p]) for p in parts}  # the param names each projection holds
+        # Adapters (lora_a differs per projection) and a split output axis stay unfused.
+        if len(kinds) > 1 or not set(sub[parts[0]]) <= {"kernel", "bias", "kernel_scale"} \
+                or sharding.shards(axis) > 1:
+            continue
+        joined = {k: jnp.concatenate([sub[p][k] for p in parts], -1) for k in sub[parts[0]]}
+        layer[module] = {k: v for k, v in sub.items() if k not in parts} | {fused: joined}
+    return layer
+
+
+def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, segment_ids,
+                cache: dict, fused: dict | None = None):
+    """forward() with a KV cache for a sampler's loop: `layers` comes from unstack_layers(params)
+    and the cache holds per-layer lists (cache_per_layer), both made once outside the loop, so
+    a step neither slices the stacked weights nor re-stacks the cache (on XLA:CPU those copies
+    took 35% of a decode step). Returns the logits of the last position only, [B, V] (a prefill
+    need not project every prompt token onto the vocabulary), equal to forward()'s there.
+    With `fused` (fused_decode_weights), a one-token step runs on the fused CPU kernels."""
+    if "soft_prompt" in params:
+        raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
+    if fused is not None and tokens.shape[1] == 1:
+        return _fused_step(params, fused, tokens, cfg, positions, segment_ids, cache)
+    top = {k: v for k, v in params.items() if k != "layers"}
+    decoder, block = Decoder(cfg), Block(cfg)
+    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)
+    start = cache["index"]
+    seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
+    ks, vs = [], []
+    for layer, k, v in zip(layers, cache["k"], cache["v"]):
+        x, kv = block.apply({"params": layer}, x, positions, segment_ids, {"k": k, "v": v},
+                            (start, seg))
+        ks.append(kv["k"])
+        vs.append(kv["v"])
+    logits = decoder.apply({"params": top}, x[:, -1:], method=Decoder.head)[:, 0]
+    return logits, {"k": ks, "v": vs, "segment_ids": seg, "index": start + tokens.shape[1]}
+
+
+def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
+    """The packed weights decode_step's fused path reads (jaxllm.kernels.cpu_decode), or None
+    where it does not apply: not on CPU, on a mesh, weights or activations not float32, or
+    projections that are not one plain kernel each after unstack_layers (int8, LoRA adapters).
+    They are a second copy of the weights, made once per generate() call, outside its loop."""
+    from jaxllm.kernels import cpu_decode
+    mesh, _ = sharding.current()
+    f32 = jnp.dtype(jnp.float32)
+    if (jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1)
+            or "soft_prompt" in params or jnp.dtype(cfg.compute_dtype) != f32
+            or any(leaf.dtype != f32 for leaf in jax.tree.leaves(params))
+            or set(params.get("lm_head", {"kernel": 0})) != {"kernel"}
+            or not cpu_decode.available()):
+        return None
+    plain = {"self_attn": {"qkv_proj": {"kernel", "bias"}, "o_proj": {"kernel"}},
+             "mlp": {"gate_up_proj": {"kernel"}, "down_proj": {"kernel"}}}
+    packed = []
+    for layer in layers:
+        if any(set(layer[m]) != set(parts) or not {"kernel"} <= set(layer[m][p]) <= names
+               for m, parts in plain.items() for p, names in parts.items()):
+            return None
+        attn, mlp = layer["self_attn"], layer["mlp"]
+        qkv = attn["qkv_proj"]
+        packed.append((layer["input_layernorm"]["scale"], cpu_decode.pack(qkv["kernel"]),
+                       qkv.get("bias", jnp.zeros(qkv["kernel"].shape[1], f32)),
+                       cpu_decode.pack(attn["o_proj"]["kernel"]),
+                       layer["post_attention_layernorm"]["scale"],
+                       cpu_decode.pack(mlp["gate_up_proj"]["kernel"]),
+                       cpu_decode.pack(mlp["down_proj"]["kernel"])))
+    head = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    return {"layers": packed, "head": cpu_decode.pack(head)}
+
+
+def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segment_ids, cache):
+    """decode_step for one token per row, one kernel call per layer; the same masks, RoPE
+    angles and final norm as the Flax path, computed here once for all layers."""
+    from jaxllm.kernels import cpu_decode
+    top = {k: v for k, v in params.items() if k != "layers"}
+    decoder = Decoder(cfg)
+    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)[:, 0].astype(jnp.float32)
+    start = cache["index"]
+    seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
+    b, s = seg.shape
+    mask = attention_mask(jnp.full((b, 1), start), jnp.broadcast_to(jnp.arange(s), (b, s)),
+                          segment_ids, seg, cfg.sliding_window)[:, 0]
+    angles = positions[:, 0, None].astype(jnp.float32) * rope_inv_freq(cfg)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    ks, vs = [], []
+    for weights, k, v in zip(fused["layers"], cache["k"], cache["v"]):
+        x, k, v = cpu_decode.layer(x, weights, k, v, cos, sin, mask, start, heads=cfg.num_heads,
+                                   kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps)
+        ks.append(k)
+        vs.append(v)
+    hidden = decoder.apply({"params": top}, x, method=lambda m, h: m.norm(h))
+    logits = cpu_decode.matmul(hidden, fused["head"], cfg.vocab_size)
+    return logits, {"k": ks, "v": vs, "segment_ids": seg, "index": start + 1}
+
+
+def cache_per_layer(cache: dict) -> dict:
+    """A stacked cache (init_cache, forward) as per-layer k/v lists (decode_step)."""
+    n = cache["k"].shape[0]
+    return cache | {"k": [cache["k"][i] for i in range(n)], "v": [cache["v"][i] for i in range(n)]}

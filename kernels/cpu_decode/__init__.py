@@ -1,0 +1,116 @@
+"""Fused one-token decode steps for XLA:CPU: a whole decoder layer per call (cpu_decode.cc),
+and the output projection, over weights packed once per generate() call.
+
+The C++ source is compiled on first use with the system's C++ compiler (g++, or $CXX) for
+this CPU (-march=native) and cached under $JAXLLM_CACHE_DIR (default ~/.cache/jaxllm), keyed
+by the source, the jax version and the CPU's feature flags. Without a compiler, or with
+JAXLLM_CPU_KERNELS=0, `available()` is False and sampling keeps XLA's path; both paths are
+the same math (tests compare them), the fused one about 4x faster per decode step on bench-7m.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PANEL = 32  # columns per packed panel (kPanel in cpu_decode.cc)
+_SOURCE = Path(__file__).with_name("cpu_decode.cc")
+_TARGETS = {"jaxllm_packed_matmul": "JaxllmPackedMatmul",
+            "jaxllm_decode_layer": "JaxllmDecodeLayer"}
+
+
+def _flags() -> list[str]:
+    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    return ["-O3", native, "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiled for: a cached build is reused only on a CPU like this one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build() -> Path:
+    """The compiled library's path, compiling it unless a matching build is cached. The
+    compiler writes a temporary file that is renamed into place, so concurrent first uses
+    (pytest workers, processes of one job) never load a half-written library."""
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), jax.__version__.encode(),
+                                     _cpu_signature().encode(), " ".join(_flags()).encode()]))
+    cache = Path(os.environ.get("JAXLLM_CACHE_DIR", Path.home() / ".cache" / "jaxllm"))
+    lib = cache / f"cpu_decode-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([compiler, *_flags(), "-I", jax.ffi.include_dir(), str(_SOURCE),
+                           "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{done.stderr[-2000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """True once the kernels are compiled, loaded and registered with XLA:CPU. A failed build
+    warns once, naming why, and leaves sampling on XLA's path."""
+    if os.environ.get("JAXLLM_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"jaxllm: CPU decode kernels unavailable, sampling uses XLA's slower "
+                      f"path ({e})", RuntimeWarning, stacklevel=2)
+        return False
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return True
+
+
+def pack(w: jax.Array) -> jax.Array:
+    """A [K, N] kernel as panels of PANEL columns, [ceil(N/PANEL), K, PANEL], the last one
+    zero-padded: the layout the kernels read front to back."""
+    k, n = w.shape
+    panels = -(-n // PANEL)
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, panels * PANEL - n)))
+    return w.reshape(k, panels, PANEL).transpose(1, 0, 2)
+
+
+def matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
+    """x [M, K] float32 times a packed [K, n] kernel -> [M, n]."""
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call("jaxllm_packed_matmul", out)(x, w_packed)
+
+
+def layer(x, weights, k_cache, v_cache, cos, sin, mask, start, *, heads: int, kv_heads: int,
+          eps: float):
+    """One decoder layer for one new token per row -> (x, k_cache, v_cache), the caches
+    updated in place at `start`.
+
+    x [B, D]; weights = (input norm scale, packed q|k|v, q|k|v bias, packed o, post-attention
+    norm scale, packed gate|up, packed down); caches [B, KV, S, hd]; cos/sin [B, hd/2] of each
+    row's position; mask [B, S] (which cache slots each row attends to)."""
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+           jax.ShapeDtypeStruct(k_cache.shape, jnp.float32),
+           jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
+    call = jax.ffi.ffi_call("jaxllm_decode_layer", out, input_output_aliases={8: 1, 9: 2})
+    return call(x, *weights, k_cache, v_cache, cos, sin, mask, jnp.asarray(start, jnp.int32),
+                heads=np.int64(heads), kv_heads=np.int64(kv_heads), eps=np.float32(eps))

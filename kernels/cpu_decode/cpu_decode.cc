@@ -1,0 +1,363 @@
+// One-token decode steps on XLA:CPU: a whole decoder layer per call, and the output projection.
+//
+// A sampler's decode step multiplies B (the batch) rows by every weight matrix and attends
+// over the KV cache. On XLA:CPU that step is ~140 small ops whose fixed costs (a few us each)
+// exceed their arithmetic, and whose library GEMMs, built for many rows, read the weights at a
+// fraction of what this memory delivers (bench-7m: 2.7 ms per step, 0.7 ms of it with no
+// matmul at all). Here a layer is one call: RMSNorm, q/k/v, RoPE, the cache write, GQA
+// attention, o, RMSNorm, gate/up, SiLU and down, the matmuls shared out to XLA's intra-op
+// threads. The math is jaxllm.models.llama's (Block with a KV cache); tests compare the two.
+//
+// Weights come packed in panels of 32 columns, [ceil(N/32), K, 32] (cpu_decode.pack), so a
+// product reads each matrix front to back once, every weight multiplied into all B rows
+// while the B x 32 outputs of its panel stay in registers over the whole K loop.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 32;      // columns per panel; cpu_decode.PANEL on the Python side
+constexpr float kNegInf = -1e30f;   // llama.NEG_INF: masked logits, finite
+typedef float vf __attribute__((vector_size(64)));  // one AVX-512 register, or two AVX2 ones
+constexpr int kLanes = 16;
+constexpr int kVecs = kPanel / kLanes;
+#ifdef __AVX512F__
+constexpr int kRows = 8;  // 8 rows x 2 vectors of outputs: 16 of the 32 zmm registers
+#else
+constexpr int kRows = 4;  // 4 rows x 2 x 2 ymm: half of AVX2's 16 registers
+#endif
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// e^x, 16 lanes at a time: within a few ulp for x in [-87, 88], 0 below, +inf above
+// (libm's expf does not vectorise without -ffast-math, whose flush-to-zero would leak into
+// the whole process). e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln(2)/2, e^r by Taylor.
+inline vf exp16(vf x) {
+  typedef int32_t vi __attribute__((vector_size(64)));
+  const vf lo = x < -87.0f ? vf{} + 1 : vf{};
+  const vf hi = x > 88.0f ? vf{} + __builtin_inff() : vf{};
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  x = x > 88.0f ? vf{} + 88.0f : x;
+  const vf n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + 0.5f -
+      (x < 0 ? vf{} + 1 : vf{}), vi), vf);  // floor(x / ln 2 + 1/2)
+  const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  vf p = vf{} + 1.0f / 720;
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return lo != 0 ? vf{} : hi != 0 ? hi : p * scale;
+}
+
+// out[i] = e^(in[i] - shift) for i < n.
+void exp_shifted(const float* in, float shift, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(out + i, exp16(load(in + i) - shift));
+  if (i < n) {
+    float buf[kLanes] = {};
+    std::memcpy(buf, in + i, (n - i) * sizeof(float));
+    const vf e = exp16(load(buf) - shift);
+    for (int64_t j = i; j < n; ++j) out[j] = e[j - i];
+  }
+}
+
+inline float hsum(vf v) {  // a tree of half-width adds
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  vf acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out[0:n] = sum over t < s of p[t] * rows[t, 0:n] (rows [s, n]), one 16-column strip at a
+// time with its sums in registers (two of them, over even and odd t, to halve the chain of
+// dependent adds); p is 0 for the masked rows, which are skipped.
+void weighted_rows(const float* p, const float* rows, float* out, int64_t s, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf even = {}, odd = {};
+    int64_t t = 0;
+    for (; t + 2 <= s; t += 2) {
+      if (p[t] != 0) even += p[t] * load(rows + t * n + i);
+      if (p[t + 1] != 0) odd += p[t + 1] * load(rows + (t + 1) * n + i);
+    }
+    if (t < s && p[t] != 0) even += p[t] * load(rows + t * n + i);
+    store(out + i, even + odd);
+  }
+  for (; i < n; ++i) {
+    float sum = 0;
+    for (int64_t t = 0; t < s; ++t)
+      if (p[t] != 0) sum += p[t] * rows[t * n + i];
+    out[i] = sum;
+  }
+}
+
+// Below this many multiply-adds a stage runs on the calling thread alone: handing work to
+// another thread costs a few microseconds, about what 2^18 multiply-adds take.
+#ifndef JAXLLM_SERIAL_WORK
+#define JAXLLM_SERIAL_WORK (int64_t{1} << 18)
+#endif
+constexpr int64_t kSerialWork = JAXLLM_SERIAL_WORK;
+
+// fn(i) for i in [0, n), on this thread and up to pool-size - 1 helpers. Items are claimed
+// from a counter, so a helper that starts late (its pool busy) finds nothing left and returns:
+// this thread waits only for items already running, never for a queued task, and cannot
+// deadlock when every pool thread is itself inside such a call.
+template <typename Fn>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t work, Fn fn) {
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n);
+  if (threads <= 1 || work < kSerialWork) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct Job {
+    Fn fn;
+    int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+    Job(Fn f, int64_t n) : fn(std::move(f)), n(n) {}
+  };
+  auto job = std::make_shared<Job>(std::move(fn), n);
+  auto run = [job] {
+    for (int64_t i; (i = job->next.fetch_add(1)) < job->n;) {
+      job->fn(i);
+      job->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(run)(run));
+  run();
+  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// y[r0:r0+R, panel's columns] = x[r0:r0+R] . w (packed), for y [m, n].
+template <int R>
+void tile(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t r0,
+          int64_t panel) {
+  vf acc[R][kVecs] = {};
+  x += r0 * k;
+  w += panel * k * kPanel;
+  for (int64_t i = 0; i < k; ++i, w += kPanel) {
+    vf wv[kVecs];
+    for (int j = 0; j < kVecs; ++j) wv[j] = load(w + kLanes * j);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * k + i];
+      for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
+    }
+  }
+  const int64_t c0 = panel * kPanel, cols = std::min(kPanel, n - c0);
+  for (int r = 0; r < R; ++r) {
+    float out[kPanel];
+    for (int j = 0; j < kVecs; ++j) store(out + kLanes * j, acc[r][j]);
+    std::memcpy(y + (r0 + r) * n + c0, out, cols * sizeof(float));  // the last panel is padded
+  }
+}
+
+template <int R>
+void tiles(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t r0,
+           int64_t first, int64_t last) {
+  for (int64_t p = first; p < last; ++p) tile<R>(x, w, y, k, n, r0, p);
+}
+
+// Panels [first, last) of y [m, n] = x [m, k] . w [ceil(n/32), k, 32].
+void panels(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n,
+            int64_t first, int64_t last) {
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    switch (std::min<int64_t>(m - r0, kRows)) {
+      case 1: tiles<1>(x, w, y, k, n, r0, first, last); break;
+      case 2: tiles<2>(x, w, y, k, n, r0, first, last); break;
+      case 3: tiles<3>(x, w, y, k, n, r0, first, last); break;
+      case 4: tiles<4>(x, w, y, k, n, r0, first, last); break;
+#ifdef __AVX512F__
+      case 5: tiles<5>(x, w, y, k, n, r0, first, last); break;
+      case 6: tiles<6>(x, w, y, k, n, r0, first, last); break;
+      case 7: tiles<7>(x, w, y, k, n, r0, first, last); break;
+      case 8: tiles<8>(x, w, y, k, n, r0, first, last); break;
+#endif
+    }
+  }
+}
+
+void matmul(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t m,
+            int64_t k, int64_t n) {
+  const int64_t total = (n + kPanel - 1) / kPanel;
+  const int64_t chunks = std::min<int64_t>(total, 4 * std::max<int64_t>(pool.num_threads(), 1));
+  parallel_for(pool, chunks, m * k * n, [=](int64_t c) {
+    panels(x, w, y, m, k, n, c * total / chunks, (c + 1) * total / chunks);
+  });
+}
+
+bool packed_shape(ffi::Span<const int64_t> w, int64_t k, int64_t n) {
+  return w.size() == 3 && w[1] == k && w[2] == kPanel && w[0] == (n + kPanel - 1) / kPanel;
+}
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] ||
+      !packed_shape(w.dimensions(), xd[1], yd[1]))
+    return ffi::Error::InvalidArgument("cpu_decode.matmul: want x [M,K], w [ceil(N/32),K,32], y [M,N]");
+  matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], yd[1]);
+  return ffi::Error::Success();
+}
+
+// out = x * rsqrt(mean(x^2) + eps) * scale, row by row ([b, d]).
+void rms_norm(const float* x, const float* scale, float* out, int64_t b, int64_t d, float eps) {
+  for (int64_t r = 0; r < b; ++r, x += d, out += d) {
+    const float ss = dot(x, x, d);
+    const float inv = 1.0f / std::sqrt(ss / d + eps);
+    for (int64_t i = 0; i < d; ++i) out[i] = x[i] * inv * scale[i];
+  }
+}
+
+// Rotate the halves of one head vector (HF's non-interleaved RoPE): cos/sin [hd/2].
+void rope(float* v, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = v[i], b = v[i + half];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+// Softmax attention of `group` query heads (q [group, hd]) over one kv head's keys and values
+// [s, hd], where ok[t] -> out [group, hd]. Masked logits are kNegInf, as in llama.attend.
+void attend_group(const float* q, const float* keys, const float* values, const bool* ok,
+                  int64_t group, int64_t s, int64_t hd, float* out) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  std::vector<float> logits(s), probs(s);
+  for (int64_t g = 0; g < group; ++g, q += hd, out += hd) {
+    float top = kNegInf;
+    for (int64_t t = 0; t < s; ++t) {
+      logits[t] = ok[t] ? dot(q, keys + t * hd, hd) * scale : kNegInf;
+      top = std::max(top, logits[t]);
+    }
+    exp_shifted(logits.data(), top, probs.data(), s);  // 0 for masked keys unless all are
+    float total = 0;
+    for (int64_t t = 0; t < s; ++t) total += probs[t];
+    weighted_rows(probs.data(), values, out, s, hd);
+    for (int64_t i = 0; i < hd; ++i) out[i] /= total;
+  }
+}
+
+ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ln1,
+                       ffi::Buffer<ffi::F32> wqkv, ffi::Buffer<ffi::F32> bqkv,
+                       ffi::Buffer<ffi::F32> wo, ffi::Buffer<ffi::F32> ln2,
+                       ffi::Buffer<ffi::F32> wgu, ffi::Buffer<ffi::F32> wd,
+                       ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in,
+                       ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                       ffi::Buffer<ffi::PRED> mask, ffi::BufferR0<ffi::S32> start_buf,
+                       ffi::ResultBuffer<ffi::F32> x_out, ffi::ResultBuffer<ffi::F32> k_cache,
+                       ffi::ResultBuffer<ffi::F32> v_cache, int64_t heads, int64_t kv_heads,
+                       float eps) {
+  const auto xd = x.dimensions(), cd = k_in.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || heads <= 0 || kv_heads <= 0 || heads % kv_heads)
+    return ffi::Error::InvalidArgument("cpu_decode.layer: want x [B,D], caches [B,KV,S,hd]");
+  const int64_t b = xd[0], d = xd[1], s = cd[2], hd = cd[3], group = heads / kv_heads;
+  const int64_t nq = heads * hd, nqkv = (heads + 2 * kv_heads) * hd;
+  const int64_t f = wd.dimensions().size() == 3 ? wd.dimensions()[1] : -1;
+  if (cd[0] != b || cd[1] != kv_heads || v_in.element_count() != k_in.element_count() || hd % 2 ||
+      !packed_shape(wqkv.dimensions(), d, nqkv) || bqkv.element_count() != nqkv ||
+      !packed_shape(wo.dimensions(), nq, d) || !packed_shape(wgu.dimensions(), d, 2 * f) ||
+      !packed_shape(wd.dimensions(), f, d) || ln1.element_count() != d ||
+      ln2.element_count() != d || cos.element_count() != b * hd / 2 ||
+      sin.element_count() != b * hd / 2 || mask.element_count() != b * s)
+    return ffi::Error::InvalidArgument("cpu_decode.layer: operand shapes disagree");
+  const int64_t start = *start_buf.typed_data();
+  if (start < 0 || start >= s)
+    return ffi::Error::InvalidArgument("cpu_decode.layer: write index outside the cache");
+  float* ck = k_cache->typed_data();  // aliases k_in: the write is in place
+  float* cv = v_cache->typed_data();
+  float* out = x_out->typed_data();
+  const float* cs = cos.typed_data();
+  const float* sn = sin.typed_data();
+  const bool* allowed = mask.typed_data();
+
+  std::vector<float> h(b * std::max(d, nq)), qkv(b * nqkv), attn(b * nq), gu(b * 2 * f);
+  rms_norm(x.typed_data(), ln1.typed_data(), h.data(), b, d, eps);
+  matmul(pool, h.data(), wqkv.typed_data(), qkv.data(), b, d, nqkv);
+  for (int64_t r = 0; r < b; ++r) {
+    float* row = qkv.data() + r * nqkv;
+    for (int64_t i = 0; i < nqkv; ++i) row[i] += bqkv.typed_data()[i];
+    for (int64_t head = 0; head < heads + kv_heads; ++head)  // q heads, then k heads
+      rope(row + head * hd, cs + r * hd / 2, sn + r * hd / 2, hd / 2);
+    for (int64_t j = 0; j < kv_heads; ++j) {
+      const int64_t at = ((r * kv_heads + j) * s + start) * hd;
+      std::memcpy(ck + at, row + nq + j * hd, hd * sizeof(float));
+      std::memcpy(cv + at, row + nq + (kv_heads + j) * hd, hd * sizeof(float));
+    }
+  }
+  // Attention, one (row, kv head) per item: its query group against its keys and values.
+  parallel_for(pool, b * kv_heads, b * heads * s * hd, [&](int64_t item) {
+    const int64_t r = item / kv_heads, j = item % kv_heads, at = (r * kv_heads + j) * s * hd;
+    attend_group(qkv.data() + r * nqkv + j * group * hd, ck + at, cv + at, allowed + r * s,
+                 group, s, hd, attn.data() + r * nq + j * group * hd);
+  });
+  matmul(pool, attn.data(), wo.typed_data(), out, b, nq, d);
+  for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
+  rms_norm(out, ln2.typed_data(), h.data(), b, d, eps);
+  matmul(pool, h.data(), wgu.typed_data(), gu.data(), b, d, 2 * f);
+  std::vector<float> act(b * f);  // silu(gate) * up
+  for (int64_t r = 0; r < b; ++r) {
+    const float* gate = gu.data() + r * 2 * f;
+    float* a = act.data() + r * f;
+    for (int64_t i = 0; i < f; ++i) a[i] = -gate[i];
+    exp_shifted(a, 0.0f, a, f);
+    for (int64_t i = 0; i < f; ++i) a[i] = gate[i] / (1.0f + a[i]) * gate[f + i];
+  }
+  std::vector<float> down(b * d);
+  matmul(pool, act.data(), wd.typed_data(), down.data(), b, f, d);
+  for (int64_t i = 0; i < b * d; ++i) out[i] += down[i];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmDecodeLayer, DecodeLayer,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // input_layernorm [D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q|k|v packed
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q|k|v bias (zeros if none)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // o packed
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // post_attention_layernorm
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate|up packed
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // down packed
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache [B, KV, S, hd]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos [B, hd/2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin [B, hd/2]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // attention mask [B, S]
+                                  .Arg<ffi::BufferR0<ffi::S32>>() // write index
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // x out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k cache (aliased)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // v cache (aliased)
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<float>("eps"));

@@ -1,0 +1,103 @@
+"""The fused CPU decode kernels (jaxllm.kernels.cpu_decode) against what they replace: the
+packed product against a float64 product, and a fused decode step (one kernel call per layer)
+against the Flax decoder's step on the imported HF models (GQA with Llama-3 RoPE scaling, qkv
+bias with tied embeddings, a sliding window) and on odd sizes, with left-padded prompts."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import generate as sampler
+from jaxllm import models, sharding
+from jaxllm.config import MeshConfig, ShardingRules
+from jaxllm.kernels import cpu_decode
+
+pytest.importorskip("torch")
+from test_model import HF_CASES, hf_model  # noqa: E402
+
+step = jax.jit(models.decode_step, static_argnames="cfg")
+ODD = models.ModelConfig(vocab_size=53, hidden_size=48, intermediate_size=40, num_layers=2,
+                         num_heads=6, num_kv_heads=2, head_dim=8, max_seq_len=64)
+
+
+def test_the_kernels_build_on_this_machine():
+    """CI machines have a C++ compiler: a failed build fails here instead of leaving every
+    sampling test on the XLA path."""
+    assert cpu_decode.available()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (3, 37, 70), (8, 256, 96), (9, 16, 5),
+                                   (17, 40, 130)])
+def test_packed_matmul_equals_a_float64_product(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    x, w = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
+    got = jax.jit(cpu_decode.matmul, static_argnums=2)(x, cpu_decode.pack(w), n)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_a_mismatched_operand_is_refused_by_name():
+    x, w = jnp.ones((2, 8)), cpu_decode.pack(jnp.ones((8, 40)))
+    with pytest.raises(Exception, match="cpu_decode.matmul"):
+        jax.block_until_ready(cpu_decode.matmul(x, w, 70))  # 40 columns packed, 70 asked
+
+
+@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes"])
+def test_fused_decode_steps_equal_the_flax_decoder(case):
+    if case == "odd-sizes":
+        cfg = ODD
+        params = models.init(cfg, jax.random.key(0))
+    else:
+        _, cfg, params = hf_model(case)
+        params = jax.tree.map(jnp.asarray, params)
+    layers = models.unstack_layers(params)
+    fused = models.fused_decode_weights(params, layers, cfg)
+    assert fused is not None
+    lengths, width, steps = (5, 9, 3), 9, 6
+    tokens, seg, pos = sampler.pad_prompts(
+        [np.random.default_rng(n).integers(1, cfg.vocab_size, n).tolist() for n in lengths])
+    cache = models.cache_per_layer(models.init_cache(cfg, len(lengths), width + steps))
+    logits, cache = step(params, layers, tokens, cfg, positions=pos, segment_ids=seg, cache=cache)
+    ours, ref = cache, cache
+    for i in range(steps):
+        tok = jnp.argmax(logits, -1)[:, None]
+        at = dict(positions=jnp.asarray(pos[:, -1:] + 1 + i), segment_ids=jnp.ones_like(tok))
+        logits, ref = step(params, layers, tok, cfg, cache=ref, **at)
+        got, ours = step(params, layers, tok, cfg, cache=ours, fused=fused, **at)
+        np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.stack(ours[name]), np.stack(ref[name]), rtol=1e-5, atol=1e-5)
+    assert int(ours["index"]) == width + steps
+
+
+def test_generate_samples_the_same_with_and_without_the_kernels(monkeypatch):
+    cfg = ODD
+    params = models.init(cfg, jax.random.key(0))
+    prompts = [[5, 7, 9], [3] * 8, [11, 2]]
+    kw = dict(max_new_tokens=6, temperature=0.8, top_k=5, key=jax.random.key(3))
+    fast = sampler.generate(params, cfg, prompts, **kw)
+    monkeypatch.setattr(sampler, "_fused_for", lambda params, cfg: None)
+    plain = sampler.generate(params, cfg, prompts, **kw)
+    np.testing.assert_array_equal(fast["tokens"], plain["tokens"])
+    np.testing.assert_allclose(fast["logprobs"], plain["logprobs"], atol=1e-5)
+
+
+def test_the_kernels_step_aside_where_they_do_not_apply():
+    """int8 or LoRA-adapted projections, bfloat16 activations and a mesh keep the XLA path."""
+    from jaxllm import lora
+    from jaxllm.config import LoraConfig
+    cfg = ODD
+    params = models.init(cfg, jax.random.key(0))
+    lcfg = LoraConfig(rank=2, alpha=4.0, targets=("o_proj",))
+    int8 = lora.attach(lora.quantize(params, "int8"), {}, lcfg)
+    adapted = lora.attach(params, lora.init(lora.abstract(params, lcfg), jax.random.key(1)), lcfg)
+    bf16 = models.ModelConfig(**{**ODD.__dict__, "compute_dtype": "bfloat16"})
+    for p, c in ((int8, cfg), (adapted, cfg), (params, bf16)):
+        assert models.fused_decode_weights(p, models.unstack_layers(p), c) is None
+    mesh = sharding.make_mesh(sharding.with_sizes(MeshConfig(), data=8))
+    with sharding.use(mesh, ShardingRules()):
+        assert models.fused_decode_weights(params, models.unstack_layers(params), cfg) is None
+    # A second generate() with the same params reuses their packed weights.
+    sampler.generate(params, cfg, [[1, 2]], max_new_tokens=2)
+    first = sampler._FUSED[0][2]
+    sampler.generate(params, cfg, [[3, 4]], max_new_tokens=2)
+    assert sampler._FUSED[0][2] is first
