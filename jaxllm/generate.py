@@ -187,6 +187,9 @@ _FUSED: list = []
 def _fused_for(params, cfg):
     """models.fused_decode_weights for params (None where they do not apply), made once per
     set of weights."""
+    from jaxllm.kernels import cpu_decode
+    if not cpu_decode.available():
+        return None
     leaves = jax.tree.leaves(params)
     for c, refs, fused in _FUSED:
         if c == cfg and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):

@@ -67,12 +67,15 @@ def _build() -> Path:
     return lib
 
 
-@functools.cache
 def available() -> bool:
-    """True once the kernels are compiled, loaded and registered with XLA:CPU. A failed build
-    warns once, naming why, and leaves sampling on XLA's path."""
-    if os.environ.get("JAXLLM_CPU_KERNELS", "1") == "0":
-        return False
+    """True where the kernels are compiled, loaded and registered with XLA:CPU, and not turned
+    off by JAXLLM_CPU_KERNELS=0 (read at each call, so a benchmark can compare both paths). A
+    failed build warns once, naming why, and leaves sampling on XLA's path."""
+    return os.environ.get("JAXLLM_CPU_KERNELS", "1") != "0" and _load()
+
+
+@functools.cache
+def _load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
