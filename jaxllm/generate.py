@@ -103,7 +103,7 @@ def _decode(params, fused, tokens, segment_ids, positions, max_lens, key, temper
     tokens, segment_ids, positions = (sharding.constrain(x, ("act_batch", None))
                                       for x in (tokens, segment_ids, positions))
     # Layers and cache are split per layer once, here, for the loop's decode_step.
-    layers = models.unstack_layers(params)
+    layers = models.unstack_layers(params) if fused is None else fused["layers"]
     cache = _constrain_cache(models.cache_per_layer(models.init_cache(cfg, b, p + max_new_tokens)))
     logits, cache = models.decode_step(params, layers, tokens, cfg, positions=positions,
                                        segment_ids=segment_ids, cache=cache)
@@ -159,7 +159,8 @@ def _decode(params, fused, tokens, segment_ids, positions, max_lens, key, temper
     "cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "stop_tokens", "pad_id", "stream",
     "mesh", "rules"))
 def _generate(params, fused, tokens, segment_ids, positions, max_lens, key, temperature, top_p, *,
-              cfg, max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream, mesh, rules):
+              cfg, max_new_tokens, greedy, top_k, use_top_p, stop_tokens, pad_id, stream, mesh,
+              rules):
     static = dict(cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p, stop_tokens=stop_tokens, pad_id=pad_id, stream=stream)
     args = (params, fused, tokens, segment_ids, positions, max_lens, key, temperature, top_p)

@@ -1,6 +1,6 @@
 """The fused CPU decode kernels (jaxllm.kernels.cpu_decode) against what they replace: the
-packed product against a float64 product, and a fused decode step (one kernel call per layer)
-against the Flax decoder's step on the imported HF models (GQA with Llama-3 RoPE scaling, qkv
+packed product against a float64 product, a prefill on packed kernels and a fused decode step
+(one kernel call per layer) against the Flax decoder's on the imported HF models (GQA with Llama-3 RoPE scaling, qkv
 bias with tied embeddings, a sliding window) and on odd sizes, with left-padded prompts."""
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,12 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
     lengths, width, steps = (5, 9, 3), 9, 6
     tokens, seg, pos = sampler.pad_prompts(
         [np.random.default_rng(n).integers(1, cfg.vocab_size, n).tolist() for n in lengths])
-    cache = models.cache_per_layer(models.init_cache(cfg, len(lengths), width + steps))
-    logits, cache = step(params, layers, tokens, cfg, positions=pos, segment_ids=seg, cache=cache)
+    empty = models.cache_per_layer(models.init_cache(cfg, len(lengths), width + steps))
+    logits, cache = step(params, layers, tokens, cfg, positions=pos, segment_ids=seg, cache=empty)
+    # A prefill through the Flax layers reading the packed kernels (generate's) is the same.
+    packed, _ = step(params, fused["layers"], tokens, cfg, positions=pos, segment_ids=seg,
+                     cache=empty)
+    np.testing.assert_allclose(packed, logits, rtol=1e-5, atol=1e-5)
     ours, ref = cache, cache
     for i in range(steps):
         tok = jnp.argmax(logits, -1)[:, None]

@@ -138,15 +138,16 @@ def roofline(cfg, params, args, ours_s, theirs_s, prefill_s):
     kv = 2 * cfg.num_layers * args.batch * cfg.num_kv_heads * slots * cfg.dim_per_head * 4
     steps = args.new - 1
     print(f"\nRoofline: a decode step reads {(weights + kv) / 1e6:.1f} MB (weights "
-          f"{weights / 1e6:.1f} MB, KV cache {kv / 1e6:.1f} MB on average); prefill measured {prefill_s:.3f} s; "
+          f"{weights / 1e6:.1f} MB, KV cache {kv / 1e6:.1f} MB on average); prefill measured "
+          f"{prefill_s:.3f} s; "
           f"our {steps} decode steps took {ours_s - prefill_s:.3f} s.")
-    print(f"| {'bandwidth (measured now)':<52} | {'GB/s':>5} | {'steps >=':>8} | "
+    print(f"| {'bandwidth (measured now)':<68} | {'GB/s':>5} | {'steps >=':>8} | "
           f"{'+ prefill':>9} | {'max vs HF':>9} |")
-    print(f"|{'-' * 54}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 11}|")
+    print(f"|{'-' * 70}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 11}|")
     rates = stream_rates() | {"memory read, all threads (torch sum of 256 MiB)": read_rate()}
     for name, rate in rates.items():
         floor = steps * (weights + kv) / rate
-        print(f"| {name:<52} | {rate / 1e9:5.1f} | {floor:8.3f} | {prefill_s + floor:9.3f} | "
+        print(f"| {name:<68} | {rate / 1e9:5.1f} | {floor:8.3f} | {prefill_s + floor:9.3f} | "
               f"{theirs_s / (prefill_s + floor):8.1f}x |")
 
 

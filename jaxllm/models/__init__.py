@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig, RopeScaling
 from jaxllm.models.counting import count_params, flops_per_token, memory_estimate
-from jaxllm.models.llama import Block, Decoder, adapter_dropout, adapter_dropout_rngs
+from jaxllm.models.llama import Decoder, adapter_dropout, adapter_dropout_rngs
 from jaxllm.models.presets import PRESETS, preset
 from jaxllm.models.decode import (cache_per_layer, decode_step, fused_decode_weights,
                                  unstack_layers)

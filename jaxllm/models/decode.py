@@ -51,7 +51,7 @@ def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, se
     With `fused` (fused_decode_weights), a one-token step runs on the fused CPU kernels."""
     if "soft_prompt" in params:
         raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
-    if fused is not None and tokens.shape[1] == 1:
+    if fused is not None and tokens.shape[1] == 1 and cache["k"][0].dtype == jnp.float32:
         return _fused_step(params, fused, tokens, cfg, positions, segment_ids, cache)
     top = {k: v for k, v in params.items() if k != "layers"}
     decoder, block = Decoder(cfg), Block(cfg)
@@ -69,10 +69,12 @@ def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, se
 
 
 def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
-    """The packed weights decode_step's fused path reads (jaxllm.kernels.cpu_decode), or None
-    where it does not apply: not on CPU, on a mesh, weights or activations not float32, or
-    projections that are not one plain kernel each after unstack_layers (int8, LoRA adapters).
-    They are a second copy of the weights, made once per generate() call, outside its loop."""
+    """Weights for the fused CPU kernels (jaxllm.kernels.cpu_decode): `layers` (unstack_layers)
+    with each projection's kernel packed ("kernel_packed", which the Flax layers also read, so
+    a prefill multiplies with the same kernel), and the packed output projection. None where
+    they do not apply: not on CPU, on a mesh, weights or activations not float32, projections
+    that are not one plain kernel each (int8, LoRA adapters), or no compiler. They are a second
+    copy of the weights; generate() makes them once per set of params."""
     from jaxllm.kernels import cpu_decode
     mesh, _ = sharding.current()
     f32 = jnp.dtype(jnp.float32)
@@ -82,23 +84,21 @@ def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
             or set(params.get("lm_head", {"kernel": 0})) != {"kernel"}
             or not cpu_decode.available()):
         return None
-    plain = {"self_attn": {"qkv_proj": {"kernel", "bias"}, "o_proj": {"kernel"}},
-             "mlp": {"gate_up_proj": {"kernel"}, "down_proj": {"kernel"}}}
-    packed = []
-    for layer in layers:
-        if any(set(layer[m]) != set(parts) or not {"kernel"} <= set(layer[m][p]) <= names
-               for m, parts in plain.items() for p, names in parts.items()):
-            return None
-        attn, mlp = layer["self_attn"], layer["mlp"]
-        qkv = attn["qkv_proj"]
-        packed.append((layer["input_layernorm"]["scale"], cpu_decode.pack(qkv["kernel"]),
-                       qkv.get("bias", jnp.zeros(qkv["kernel"].shape[1], f32)),
-                       cpu_decode.pack(attn["o_proj"]["kernel"]),
-                       layer["post_attention_layernorm"]["scale"],
-                       cpu_decode.pack(mlp["gate_up_proj"]["kernel"]),
-                       cpu_decode.pack(mlp["down_proj"]["kernel"])))
-    head = params["embed_tokens"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    if any(set(layer[m]) != set(parts) or not {"kernel"} <= set(layer[m][p]) <= names
+           for layer in layers for m, parts in _PLAIN.items() for p, names in parts.items()):
+        return None
+    packed = [{**layer, **{m: {p: {"kernel_packed" if k == "kernel" else k:
+                                   cpu_decode.pack(v) if k == "kernel" else v
+                                   for k, v in layer[m][p].items()} for p in parts}
+                           for m, parts in _PLAIN.items()}} for layer in layers]
+    head = (params["embed_tokens"]["embedding"].T if cfg.tie_embeddings
+            else params["lm_head"]["kernel"])
     return {"layers": packed, "head": cpu_decode.pack(head)}
+
+
+# The projections the fused layer kernel takes, and the params each may hold.
+_PLAIN = {"self_attn": {"qkv_proj": {"kernel", "bias"}, "o_proj": {"kernel"}},
+          "mlp": {"gate_up_proj": {"kernel"}, "down_proj": {"kernel"}}}
 
 
 def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segment_ids, cache):
@@ -116,7 +116,13 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
     angles = positions[:, 0, None].astype(jnp.float32) * rope_inv_freq(cfg)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     ks, vs = [], []
-    for weights, k, v in zip(fused["layers"], cache["k"], cache["v"]):
+    for layer, k, v in zip(fused["layers"], cache["k"], cache["v"]):
+        attn, mlp = layer["self_attn"], layer["mlp"]
+        qkv = attn["qkv_proj"]
+        no_bias = jnp.zeros((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.dim_per_head)
+        weights = (layer["input_layernorm"]["scale"], qkv["kernel_packed"],
+                   qkv.get("bias", no_bias), attn["o_proj"]["kernel_packed"], layer["post_attention_layernorm"]["scale"],
+                   mlp["gate_up_proj"]["kernel_packed"], mlp["down_proj"]["kernel_packed"])
         x, k, v = cpu_decode.layer(x, weights, k, v, cos, sin, mask, start, heads=cfg.num_heads,
                                    kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps)
         ks.append(k)

@@ -120,11 +120,19 @@ class _TokenDense(nn.Dense):
     full-size weight is ever materialised for them: "kernel_scale" [1, out] for an int8 kernel
     (per-output-channel, applied to the product) and "lora_a" [in, r] / "lora_b" [r, out] (the
     latter pre-scaled) for a low-rank update x A B added to x W (its input through dropout
-    inside `adapter_dropout`)."""
+    inside `adapter_dropout`). A kernel packed for the CPU decode kernels ("kernel_packed",
+    models.fused_decode_weights) is multiplied by their packed product."""
 
     def __call__(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
+        if self.has_variable("params", "kernel_packed"):
+            from jaxllm.kernels import cpu_decode
+            y = cpu_decode.matmul(x.astype(jnp.float32),
+                                  self.get_variable("params", "kernel_packed"), self.features)
+            if self.use_bias:
+                y = y + self.get_variable("params", "bias")
+            return y.reshape(*lead, self.features)
         quantized, adapted = (self.has_variable("params", n) for n in ("kernel_scale", "lora_a"))
         if not (quantized or adapted):
             return super().__call__(x).reshape(*lead, self.features)

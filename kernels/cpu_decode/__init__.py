@@ -30,7 +30,8 @@ _TARGETS = {"jaxllm_packed_matmul": "JaxllmPackedMatmul",
 
 
 def _flags() -> list[str]:
-    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    native = "-mcpu=native" if arm else "-march=native"
     return ["-O3", native, "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 
@@ -97,8 +98,15 @@ def pack(w: jax.Array) -> jax.Array:
     return w.reshape(k, panels, PANEL).transpose(1, 0, 2)
 
 
+def _registered():
+    if not _load():
+        raise RuntimeError("jaxllm: the CPU decode kernels could not be built here (see the "
+                           "warning above); check cpu_decode.available() before calling them")
+
+
 def matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
     """x [M, K] float32 times a packed [K, n] kernel -> [M, n]."""
+    _registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call("jaxllm_packed_matmul", out)(x, w_packed)
 
@@ -111,6 +119,7 @@ def layer(x, weights, k_cache, v_cache, cos, sin, mask, start, *, heads: int, kv
     x [B, D]; weights = (input norm scale, packed q|k|v, q|k|v bias, packed o, post-attention
     norm scale, packed gate|up, packed down); caches [B, KV, S, hd]; cos/sin [B, hd/2] of each
     row's position; mask [B, S] (which cache slots each row attends to)."""
+    _registered()
     out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
            jax.ShapeDtypeStruct(k_cache.shape, jnp.float32),
            jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))

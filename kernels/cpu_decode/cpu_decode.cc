@@ -49,8 +49,9 @@ inline vf exp16(vf x) {
   const vf hi = x > 88.0f ? vf{} + __builtin_inff() : vf{};
   x = x < -87.0f ? vf{} - 87.0f : x;
   x = x > 88.0f ? vf{} + 88.0f : x;
-  const vf n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + 0.5f -
-      (x < 0 ? vf{} + 1 : vf{}), vi), vf);  // floor(x / ln 2 + 1/2)
+  const vf z = x * 1.44269504f + 0.5f;
+  const vf t = __builtin_convertvector(__builtin_convertvector(z, vi), vf);  // towards 0
+  const vf n = t > z ? t - 1 : t;                                             // floor(z)
   const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
   vf p = vf{} + 1.0f / 720;
   for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
@@ -77,7 +78,8 @@ inline float hsum(vf v) {  // a tree of half-width adds
   typedef float v4 __attribute__((vector_size(16)));
   const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 b =
+      __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
@@ -114,7 +116,8 @@ void weighted_rows(const float* p, const float* rows, float* out, int64_t s, int
 }
 
 // Below this many multiply-adds a stage runs on the calling thread alone: handing work to
-// another thread costs a few microseconds, about what 2^18 multiply-adds take.
+// another thread costs a few microseconds, about what 2^18 multiply-adds take (build with
+// -DJAXLLM_SERIAL_WORK=1e15 to time one thread).
 #ifndef JAXLLM_SERIAL_WORK
 #define JAXLLM_SERIAL_WORK (int64_t{1} << 18)
 #endif
@@ -215,7 +218,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const auto xd = x.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] ||
       !packed_shape(w.dimensions(), xd[1], yd[1]))
-    return ffi::Error::InvalidArgument("cpu_decode.matmul: want x [M,K], w [ceil(N/32),K,32], y [M,N]");
+    return ffi::Error::InvalidArgument(
+        "cpu_decode.matmul: want x [M,K], w [ceil(N/32),K,32], y [M,N]");
   matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], yd[1]);
   return ffi::Error::Success();
 }
