@@ -98,16 +98,17 @@ def stream_rates() -> dict[str, float]:
     packed product (cpu_decode.matmul) where it is available."""
     kernels = [jnp.full((256, 8192), i, jnp.float32) for i in range(16)]
     x = jnp.ones((8, 256), jnp.float32)
-    products = {"XLA:CPU dot": (jax.jit(lambda x, ks: sum(x @ k for k in ks)), kernels)}
+    products = {"XLA:CPU's dot": (jax.jit(lambda x, ks: sum(x @ k for k in ks)), kernels)}
     if cpu_decode.available():
         packed = [cpu_decode.pack(k) for k in kernels]
-        products["our packed product (cpu_decode.matmul)"] = (
+        products["our packed cpu_decode.matmul"] = (
             jax.jit(lambda x, ks: sum(cpu_decode.matmul(x, k, 8192) for k in ks)), packed)
     rates = {}
     for name, (step, ks) in products.items():
         step(x, ks).block_until_ready()
         best = min(_timed(lambda: step(x, ks).block_until_ready()) for _ in range(10))
-        rates[f"{name} streaming fp32 kernels, batch 8"] = sum(k.nbytes for k in kernels) / best
+        rates[f"fp32 weights through a batch-8 product: {name}"] = (
+            sum(k.nbytes for k in kernels) / best)
     return rates
 
 

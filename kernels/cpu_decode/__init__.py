@@ -5,7 +5,7 @@ The C++ source is compiled on first use with the system's C++ compiler (g++, or 
 this CPU (-march=native) and cached under $JAXLLM_CACHE_DIR (default ~/.cache/jaxllm), keyed
 by the source, the jax version and the CPU's feature flags. Without a compiler, or with
 JAXLLM_CPU_KERNELS=0, `available()` is False and sampling keeps XLA's path; both paths are
-the same math (tests compare them), the fused one about 4x faster per decode step on bench-7m.
+the same math (tests compare them), the fused one about 2x faster per decode step on bench-7m.
 """
 from __future__ import annotations
 
