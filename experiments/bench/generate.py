@@ -1,5 +1,6 @@
-"""Generation throughput: jaxllm's jitted KV-cache sampler vs Hugging Face `generate`, on the
-same weights (a random HF Llama imported through our converter), greedy.
+"""Generation throughput: jaxllm's jitted KV-cache sampler (with its fused CPU decode kernels,
+and with XLA's ops only) vs Hugging Face `generate`, on the same weights (a random HF Llama
+imported through our converter), greedy; then the decode loop's roofline measured in the run.
 
     python experiments/bench/generate.py [--batch 8] [--prompt 64] [--new 128] [--reps 5] [--preset bench-7m]
 """

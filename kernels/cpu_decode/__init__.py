@@ -1,5 +1,5 @@
 """Fused one-token decode steps for XLA:CPU: a whole decoder layer per call (cpu_decode.cc),
-and the output projection, over weights packed once per generate() call.
+and the output projection, over weights packed once per set of params.
 
 The C++ source is compiled on first use with the system's C++ compiler (g++, or $CXX) for
 this CPU (-march=native) and cached under $JAXLLM_CACHE_DIR (default ~/.cache/jaxllm), keyed

@@ -92,20 +92,47 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// out[0:4] = q . keys[0:4] (keys [4, n], n a multiple of kLanes): four dot products whose
+// horizontal sums share their shuffles (one sum at a time bound the attention logits).
+inline void dot4(const float* q, const float* keys, int64_t n, float* out) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const vf qv = load(q + i);
+    a0 += qv * load(keys + i);
+    a1 += qv * load(keys + n + i);
+    a2 += qv * load(keys + 2 * n + i);
+    a3 += qv * load(keys + 3 * n + i);
+  }
+  auto half = [](vf v) -> v8 {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  };
+  const v8 h0 = half(a0), h1 = half(a1), h2 = half(a2), h3 = half(a3);
+  const v8 p01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                 __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);  // h0 x4 | h1 x4
+  const v8 p23 = __builtin_shufflevector(h2, h3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                 __builtin_shufflevector(h2, h3, 4, 5, 6, 7, 12, 13, 14, 15);
+  const v8 q2 = __builtin_shufflevector(p01, p23, 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(p01, p23, 2, 3, 10, 11, 6, 7, 14, 15);  // h0 h0 h2 h2 h1..
+  const v4 r = __builtin_shufflevector(q2, q2, 0, 2, 4, 6) +
+               __builtin_shufflevector(q2, q2, 1, 3, 5, 7);  // h0 h2 h1 h3
+  out[0] = r[0], out[1] = r[2], out[2] = r[1], out[3] = r[3];
+}
+
 // out[0:n] = sum over t < s of p[t] * rows[t, 0:n] (rows [s, n]), one 16-column strip at a
-// time with its sums in registers (two of them, over even and odd t, to halve the chain of
-// dependent adds); p is 0 for the masked rows, which are skipped.
+// time with its sums in registers (four of them, over t mod 4, to cut the chain of dependent
+// adds); p is 0 for the masked rows, whose products add nothing.
 void weighted_rows(const float* p, const float* rows, float* out, int64_t s, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vf even = {}, odd = {};
+    vf acc[4] = {};
     int64_t t = 0;
-    for (; t + 2 <= s; t += 2) {
-      if (p[t] != 0) even += p[t] * load(rows + t * n + i);
-      if (p[t + 1] != 0) odd += p[t + 1] * load(rows + (t + 1) * n + i);
-    }
-    if (t < s && p[t] != 0) even += p[t] * load(rows + t * n + i);
-    store(out + i, even + odd);
+    for (; t + 4 <= s; t += 4)
+      for (int j = 0; j < 4; ++j) acc[j] += p[t + j] * load(rows + (t + j) * n + i);
+    for (; t < s; ++t) acc[0] += p[t] * load(rows + t * n + i);
+    store(out + i, (acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
   for (; i < n; ++i) {
     float sum = 0;
@@ -248,16 +275,25 @@ void attend_group(const float* q, const float* keys, const float* values, const 
                   int64_t group, int64_t s, int64_t hd, float* out) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   std::vector<float> logits(s), probs(s);
+  // Keys past the last allowed one (the cache's unwritten tail) get probability 0 and are not
+  // read; with none allowed, softmax of equal logits averages them all, as llama.attend does.
+  int64_t end = s;
+  while (end > 0 && !ok[end - 1]) --end;
+  if (end == 0) end = s;
   for (int64_t g = 0; g < group; ++g, q += hd, out += hd) {
+    int64_t t = 0;
+    if (hd % kLanes == 0)
+      for (; t + 4 <= end; t += 4) dot4(q, keys + t * hd, hd, logits.data() + t);
+    for (; t < end; ++t) logits[t] = dot(q, keys + t * hd, hd);
     float top = kNegInf;
-    for (int64_t t = 0; t < s; ++t) {
-      logits[t] = ok[t] ? dot(q, keys + t * hd, hd) * scale : kNegInf;
+    for (t = 0; t < end; ++t) {
+      logits[t] = ok[t] ? logits[t] * scale : kNegInf;
       top = std::max(top, logits[t]);
     }
-    exp_shifted(logits.data(), top, probs.data(), s);  // 0 for masked keys unless all are
+    exp_shifted(logits.data(), top, probs.data(), end);  // 0 for masked keys unless all are
     float total = 0;
-    for (int64_t t = 0; t < s; ++t) total += probs[t];
-    weighted_rows(probs.data(), values, out, s, hd);
+    for (t = 0; t < end; ++t) total += probs[t];
+    weighted_rows(probs.data(), values, out, end, hd);
     for (int64_t i = 0; i < hd; ++i) out[i] /= total;
   }
 }
