@@ -1,7 +1,8 @@
 """The fused CPU decode kernels (jaxllm.kernels.cpu_decode) against what they replace: the
 packed product against a float64 product, a prefill on packed kernels and a fused decode step
-(one kernel call per layer) against the Flax decoder's on the imported HF models (GQA with Llama-3 RoPE scaling, qkv
-bias with tied embeddings, a sliding window) and on odd sizes, with left-padded prompts."""
+(one kernel call per layer) against the Flax decoder's on the imported HF models (GQA with
+Llama-3 RoPE scaling, qkv bias with tied embeddings, a sliding window) and on odd sizes, with
+left-padded prompts; the packed weights live as long as their params."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,8 +95,7 @@ def test_the_kernels_step_aside_where_they_do_not_apply():
     lcfg = LoraConfig(rank=2, alpha=4.0, targets=("o_proj",))
     int8 = lora.attach(lora.quantize(params, "int8"), {}, lcfg)
     adapted = lora.attach(params, lora.init(lora.abstract(params, lcfg), jax.random.key(1)), lcfg)
-    bf16 = models.ModelConfig(**{**ODD.__dict__, "compute_dtype": "bfloat16"})
-    for p, c in ((int8, cfg), (adapted, cfg), (params, bf16)):
+    for p, c in ((int8, cfg), (adapted, cfg), (params, cfg.replace(compute_dtype="bfloat16"))):
         assert models.fused_decode_weights(p, models.unstack_layers(p), c) is None
     mesh = sharding.make_mesh(sharding.with_sizes(MeshConfig(), data=8))
     with sharding.use(mesh, ShardingRules()):
@@ -105,3 +105,13 @@ def test_the_kernels_step_aside_where_they_do_not_apply():
     first = sampler._FUSED[0][2]
     sampler.generate(params, cfg, [[3, 4]], max_new_tokens=2)
     assert sampler._FUSED[0][2] is first
+
+
+def test_packed_weights_are_freed_with_their_params():
+    import gc
+    params = models.init(ODD, jax.random.key(5))
+    sampler.generate(params, ODD, [[1, 2]], max_new_tokens=2)
+    assert sampler._FUSED and sampler._FUSED[0][2] is not None
+    del params
+    gc.collect()
+    assert not sampler._FUSED

@@ -86,11 +86,15 @@ def main():
 
 @contextlib.contextmanager
 def kernels_off():
+    before = os.environ.get("JAXLLM_CPU_KERNELS")
     os.environ["JAXLLM_CPU_KERNELS"] = "0"
     try:
         yield
     finally:
-        del os.environ["JAXLLM_CPU_KERNELS"]
+        if before is None:
+            del os.environ["JAXLLM_CPU_KERNELS"]
+        else:
+            os.environ["JAXLLM_CPU_KERNELS"] = before
 
 
 def stream_rates() -> dict[str, float]:

@@ -81,19 +81,21 @@ def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
     if (jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1)
             or "soft_prompt" in params or jnp.dtype(cfg.compute_dtype) != f32
             or any(leaf.dtype != f32 for leaf in jax.tree.leaves(params))
-            or set(params.get("lm_head", {"kernel": 0})) != {"kernel"}
+            or ("lm_head" in params and set(params["lm_head"]) != {"kernel"})
             or not cpu_decode.available()):
         return None
     if any(set(layer[m]) != set(parts) or not {"kernel"} <= set(layer[m][p]) <= names
            for layer in layers for m, parts in _PLAIN.items() for p, names in parts.items()):
         return None
-    packed = [{**layer, **{m: {p: {"kernel_packed" if k == "kernel" else k:
-                                   cpu_decode.pack(v) if k == "kernel" else v
-                                   for k, v in layer[m][p].items()} for p in parts}
+
+    def packed(projection: dict) -> dict:  # the kernel packed, a bias kept
+        rest = {k: v for k, v in projection.items() if k != "kernel"}
+        return {"kernel_packed": cpu_decode.pack(projection["kernel"]), **rest}
+    layers = [{**layer, **{m: {p: packed(layer[m][p]) for p in parts}
                            for m, parts in _PLAIN.items()}} for layer in layers]
     head = (params["embed_tokens"]["embedding"].T if cfg.tie_embeddings
             else params["lm_head"]["kernel"])
-    return {"layers": packed, "head": cpu_decode.pack(head)}
+    return {"layers": layers, "head": cpu_decode.pack(head)}
 
 
 # The projections the fused layer kernel takes, and the params each may hold.
@@ -107,7 +109,7 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
     from jaxllm.kernels import cpu_decode
     top = {k: v for k, v in params.items() if k != "layers"}
     decoder = Decoder(cfg)
-    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)[:, 0].astype(jnp.float32)
+    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)[:, 0]
     start = cache["index"]
     seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
     b, s = seg.shape
@@ -121,7 +123,8 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
         qkv = attn["qkv_proj"]
         no_bias = jnp.zeros((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.dim_per_head)
         weights = (layer["input_layernorm"]["scale"], qkv["kernel_packed"],
-                   qkv.get("bias", no_bias), attn["o_proj"]["kernel_packed"], layer["post_attention_layernorm"]["scale"],
+                   qkv.get("bias", no_bias), attn["o_proj"]["kernel_packed"],
+                   layer["post_attention_layernorm"]["scale"],
                    mlp["gate_up_proj"]["kernel_packed"], mlp["down_proj"]["kernel_packed"])
         x, k, v = cpu_decode.layer(x, weights, k, v, cos, sin, mask, start, heads=cfg.num_heads,
                                    kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps)

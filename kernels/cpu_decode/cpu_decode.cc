@@ -331,7 +331,7 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* sn = sin.typed_data();
   const bool* allowed = mask.typed_data();
 
-  std::vector<float> h(b * std::max(d, nq)), qkv(b * nqkv), attn(b * nq), gu(b * 2 * f);
+  std::vector<float> h(b * d), qkv(b * nqkv), attn(b * nq), gu(b * 2 * f);
   rms_norm(x.typed_data(), ln1.typed_data(), h.data(), b, d, eps);
   matmul(pool, h.data(), wqkv.typed_data(), qkv.data(), b, d, nqkv);
   for (int64_t r = 0; r < b; ++r) {
