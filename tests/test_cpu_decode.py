@@ -27,13 +27,39 @@ def test_the_kernels_build_on_this_machine():
     assert cpu_decode.available()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (3, 37, 70), (8, 256, 96), (9, 16, 5),
-                                   (17, 40, 130)])
-def test_packed_matmul_equals_a_float64_product(m, k, n):
+@pytest.mark.parametrize("m,k,n,dtype", [(1, 64, 32, "float32"), (3, 37, 70, "float32"),
+                                         (8, 256, 96, "float32"), (9, 16, 5, "float32"),
+                                         (17, 40, 130, "float32"), (8, 48, 70, "bfloat16"),
+                                         (11, 37, 33, "bfloat16")])
+def test_packed_matmul_equals_a_float64_product(m, k, n, dtype):
+    """bfloat16 kernels are widened exactly: the product is float32's of the same values."""
     rng = np.random.default_rng(m * k + n)
-    x, w = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
-    got = jax.jit(cpu_decode.matmul, static_argnums=2)(x, cpu_decode.pack(w), n)
-    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(k, n)), dtype)
+    packed = cpu_decode.pack(w)
+    assert packed.dtype == w.dtype
+    got = jax.jit(cpu_decode.matmul, static_argnums=2)(x, packed, n)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ np.asarray(w, np.float64), rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_head_gives_logits_argmax_and_logsumexp():
+    """The output projection after the final norm, and each row's first argmax (ties, a NaN
+    row) and log-sum-exp, against numpy in float64; a vocabulary that is no multiple of 16."""
+    rng = np.random.default_rng(0)
+    x, scale = rng.normal(size=(5, 24)).astype(np.float32), rng.normal(size=24).astype(np.float32)
+    w = rng.normal(size=(24, 101)).astype(np.float32)
+    w[:, 7] = w[:, 90]  # rows' logits tie at 7 and 90 wherever 90 is their maximum
+    x[3] = 0.0  # a zero row: every logit 0 after the norm, so argmax 0
+    x[4, 2] = np.nan
+    logits, argmax, lse = jax.jit(cpu_decode.head, static_argnums=3, static_argnames="eps")(
+        x, scale, cpu_decode.pack(w), 101, eps=1e-6)
+    h = x.astype(np.float64)
+    want = h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * scale @ w
+    np.testing.assert_allclose(logits[:4], want[:4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(argmax[:4], np.argmax(want[:4], -1))
+    np.testing.assert_allclose(lse[:4], np.log(np.exp(want[:4]).sum(-1)), rtol=1e-6)
+    assert int(argmax[4]) == 100 and np.isnan(lse[4])
 
 
 def test_a_mismatched_operand_is_refused_by_name():
@@ -42,17 +68,22 @@ def test_a_mismatched_operand_is_refused_by_name():
         jax.block_until_ready(cpu_decode.matmul(x, w, 70))  # 40 columns packed, 70 asked
 
 
-@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes"])
+@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights"])
 def test_fused_decode_steps_equal_the_flax_decoder(case):
-    if case == "odd-sizes":
+    """bfloat16 weights with float32 activations: the Flax layers widen them, the kernels read
+    them as bfloat16 (half the bytes) and widen them as they load; the same float32 math."""
+    if case in ("odd-sizes", "bfloat16-weights"):
         cfg = ODD
         params = models.init(cfg, jax.random.key(0))
+        if case == "bfloat16-weights":
+            cfg = cfg.replace(param_dtype="bfloat16")
+            params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     else:
         _, cfg, params = hf_model(case)
         params = jax.tree.map(jnp.asarray, params)
     layers = models.unstack_layers(params)
     fused = models.fused_decode_weights(params, layers, cfg)
-    assert fused is not None
+    assert fused is not None and fused["head"].dtype == jnp.dtype(cfg.param_dtype)
     lengths, width, steps = (5, 9, 3), 9, 6
     tokens, seg, pos = sampler.pad_prompts(
         [np.random.default_rng(n).integers(1, cfg.vocab_size, n).tolist() for n in lengths])

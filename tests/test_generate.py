@@ -9,7 +9,7 @@ import pytest
 
 from jaxllm import models, sharding
 from jaxllm.config import MeshConfig, ShardingRules
-from jaxllm.generate import _argmax, _generate, filter_logits, generate, pad_prompts
+from jaxllm.generate import _generate, filter_logits, generate, pad_prompts
 
 torch = pytest.importorskip("torch")
 from test_model import forward, hf_model  # noqa: E402
@@ -149,6 +149,8 @@ def test_sampling_on_a_mesh_equals_one_device(imported):
 def test_greedy_argmax_takes_the_first_maximum_and_stays_in_the_vocabulary():
     x = np.random.default_rng(0).normal(size=(16, 300)).astype(np.float32)
     x[0, [5, 9]] = 10.0  # a tie: the first index wins, as with np.argmax
-    np.testing.assert_array_equal(_argmax(jnp.asarray(x)), np.argmax(x, -1))
+    argmax, lse = models.logit_stats(jnp.asarray(x))
+    np.testing.assert_array_equal(argmax, np.argmax(x, -1))
+    np.testing.assert_allclose(lse, np.log(np.exp(x.astype(np.float64)).sum(-1)), rtol=1e-6)
     x[1, 3] = np.nan
-    assert 0 <= int(_argmax(jnp.asarray(x))[1]) < 300
+    assert 0 <= int(models.logit_stats(jnp.asarray(x))[0][1]) < 300

@@ -16,13 +16,14 @@ from jaxllm.models.config import ModelConfig, RopeScaling
 from jaxllm.models.counting import count_params, flops_per_token, memory_estimate
 from jaxllm.models.llama import Decoder, adapter_dropout, adapter_dropout_rngs
 from jaxllm.models.presets import PRESETS, preset
-from jaxllm.models.decode import (cache_per_layer, decode_step, fused_decode_weights,
+from jaxllm.models.decode import (cache_per_layer, decode_step, fused_decode_weights, logit_stats,
                                  unstack_layers)
 
 __all__ = ["ModelConfig", "RopeScaling", "PRESETS", "preset", "init", "forward", "hidden_states",
            "init_cache", "logical_axes", "abstract_params", "init_sharded", "count_params",
            "flops_per_token", "memory_estimate", "positions_from_segments", "adapter_dropout",
-           "decode_step", "unstack_layers", "cache_per_layer", "fused_decode_weights"]
+           "decode_step", "unstack_layers", "cache_per_layer", "fused_decode_weights",
+           "logit_stats"]
 
 
 def _dummy(cfg: ModelConfig):

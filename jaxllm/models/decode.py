@@ -1,6 +1,7 @@
 """Decoding with a KV cache: the per-layer weights and cache a sampler's loop uses, and one
-decode step. On XLA:CPU with float32 weights a one-token step can run as one fused kernel call
-per layer (jaxllm.kernels.cpu_decode); fused_decode_weights says whether it applies."""
+decode step. On XLA:CPU with float32 activations (and float32 or bfloat16 weights) a one-token
+step can run as one fused kernel call per layer (jaxllm.kernels.cpu_decode);
+fused_decode_weights says whether it applies."""
 from __future__ import annotations
 
 import jax
@@ -42,17 +43,21 @@ def _fuse_projections(layer: dict) -> dict:
 
 
 def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, segment_ids,
-                cache: dict, fused: dict | None = None):
+                cache: dict, fused: dict | None = None, stats: bool = False):
     """forward() with a KV cache for a sampler's loop: `layers` comes from unstack_layers(params)
     and the cache holds per-layer lists (cache_per_layer), both made once outside the loop, so
     a step neither slices the stacked weights nor re-stacks the cache (on XLA:CPU those copies
     took 35% of a decode step). Returns the logits of the last position only, [B, V] (a prefill
     need not project every prompt token onto the vocabulary), equal to forward()'s there.
-    With `fused` (fused_decode_weights), a one-token step runs on the fused CPU kernels."""
+    With `fused` (fused_decode_weights), a one-token step runs on the fused CPU kernels.
+    With stats=True, returns (logits, (argmax, logsumexp) of each row's logits, cache): what a
+    sampler needs besides the logits, which the fused kernels take while the logits are hot."""
     if "soft_prompt" in params:
         raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
     if fused is not None and tokens.shape[1] == 1 and cache["k"][0].dtype == jnp.float32:
-        return _fused_step(params, fused, tokens, cfg, positions, segment_ids, cache)
+        logits, row_stats, cache = _fused_step(params, fused, tokens, cfg, positions,
+                                               segment_ids, cache)
+        return (logits, row_stats, cache) if stats else (logits, cache)
     top = {k: v for k, v in params.items() if k != "layers"}
     decoder, block = Decoder(cfg), Block(cfg)
     x = decoder.apply({"params": top}, tokens, method=Decoder.embed)
@@ -65,14 +70,28 @@ def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, se
         ks.append(kv["k"])
         vs.append(kv["v"])
     logits = decoder.apply({"params": top}, x[:, -1:], method=Decoder.head)[:, 0]
-    return logits, {"k": ks, "v": vs, "segment_ids": seg, "index": start + tokens.shape[1]}
+    cache = {"k": ks, "v": vs, "segment_ids": seg, "index": start + tokens.shape[1]}
+    return (logits, logit_stats(logits), cache) if stats else (logits, cache)
+
+
+def logit_stats(logits):
+    """Each row's first argmax and log-sum-exp (float32). The argmax is two plain reductions:
+    XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised. A row with NaN logits
+    (nothing equals its max) yields the last vocabulary id."""
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    iota = jnp.arange(v, dtype=jnp.int32)
+    first = jnp.min(jnp.where(logits == jnp.max(logits, -1, keepdims=True), iota, v), -1)
+    return jnp.minimum(first, v - 1), jax.nn.logsumexp(logits, axis=-1)
 
 
 def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
     """Weights for the fused CPU kernels (jaxllm.kernels.cpu_decode): `layers` (unstack_layers)
     with each projection's kernel packed ("kernel_packed", which the Flax layers also read, so
-    a prefill multiplies with the same kernel), and the packed output projection. None where
-    they do not apply: not on CPU, on a mesh, weights or activations not float32, projections
+    a prefill multiplies with the same kernel), the norms and biases as float32, and the final
+    norm and packed output projection. Kernels keep their dtype, float32 or bfloat16 (half the
+    bytes to stream; widened exactly, the math float32's). None where they do not apply: not on
+    CPU, on a mesh, activations not float32, weights neither float32 nor bfloat16, projections
     that are not one plain kernel each (int8, LoRA adapters), or no compiler. They are a second
     copy of the weights; generate() makes them once per set of params."""
     from jaxllm.kernels import cpu_decode
@@ -80,7 +99,7 @@ def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
     f32 = jnp.dtype(jnp.float32)
     if (jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1)
             or "soft_prompt" in params or jnp.dtype(cfg.compute_dtype) != f32
-            or any(leaf.dtype != f32 for leaf in jax.tree.leaves(params))
+            or any(leaf.dtype not in (f32, jnp.bfloat16) for leaf in jax.tree.leaves(params))
             or ("lm_head" in params and set(params["lm_head"]) != {"kernel"})
             or not cpu_decode.available()):
         return None
@@ -88,14 +107,18 @@ def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
            for layer in layers for m, parts in _PLAIN.items() for p, names in parts.items()):
         return None
 
-    def packed(projection: dict) -> dict:  # the kernel packed, a bias kept
-        rest = {k: v for k, v in projection.items() if k != "kernel"}
+    def packed(projection: dict) -> dict:  # the kernel packed, a bias in float32
+        rest = {k: v.astype(f32) for k, v in projection.items() if k != "kernel"}
         return {"kernel_packed": cpu_decode.pack(projection["kernel"]), **rest}
-    layers = [{**layer, **{m: {p: packed(layer[m][p]) for p in parts}
-                           for m, parts in _PLAIN.items()}} for layer in layers]
+    f32_norms = lambda layer: {k: jax.tree.map(lambda a: a.astype(f32), v)  # noqa: E731
+                               for k, v in layer.items() if k.endswith("_layernorm")}
+    layers = [{**layer, **f32_norms(layer), **{m: {p: packed(layer[m][p]) for p in parts}
+                                               for m, parts in _PLAIN.items()}}
+              for layer in layers]
     head = (params["embed_tokens"]["embedding"].T if cfg.tie_embeddings
             else params["lm_head"]["kernel"])
-    return {"layers": layers, "head": cpu_decode.pack(head)}
+    return {"layers": layers, "norm": params["norm"]["scale"].astype(f32),
+            "head": cpu_decode.pack(head)}
 
 
 # The projections the fused layer kernel takes, and the params each may hold.
@@ -104,8 +127,9 @@ _PLAIN = {"self_attn": {"qkv_proj": {"kernel", "bias"}, "o_proj": {"kernel"}},
 
 
 def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segment_ids, cache):
-    """decode_step for one token per row, one kernel call per layer; the same masks, RoPE
-    angles and final norm as the Flax path, computed here once for all layers."""
+    """decode_step for one token per row, one kernel call per layer -> (logits, (argmax,
+    logsumexp), cache); the same masks and RoPE angles as the Flax path, computed here once for
+    all layers."""
     from jaxllm.kernels import cpu_decode
     top = {k: v for k, v in params.items() if k != "layers"}
     decoder = Decoder(cfg)
@@ -130,9 +154,9 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
                                    kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps)
         ks.append(k)
         vs.append(v)
-    hidden = decoder.apply({"params": top}, x, method=lambda m, h: m.norm(h))
-    logits = cpu_decode.matmul(hidden, fused["head"], cfg.vocab_size)
-    return logits, {"k": ks, "v": vs, "segment_ids": seg, "index": start + 1}
+    logits, argmax, lse = cpu_decode.head(x, fused["norm"], fused["head"], cfg.vocab_size,
+                                          eps=cfg.rms_norm_eps)
+    return logits, (argmax, lse), {"k": ks, "v": vs, "segment_ids": seg, "index": start + 1}
 
 
 def cache_per_layer(cache: dict) -> dict:

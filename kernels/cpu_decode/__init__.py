@@ -26,7 +26,7 @@ import numpy as np
 PANEL = 32  # columns per packed panel (kPanel in cpu_decode.cc)
 _SOURCE = Path(__file__).with_name("cpu_decode.cc")
 _TARGETS = {"jaxllm_packed_matmul": "JaxllmPackedMatmul",
-            "jaxllm_decode_layer": "JaxllmDecodeLayer"}
+            "jaxllm_decode_layer": "JaxllmDecodeLayer", "jaxllm_decode_head": "JaxllmDecodeHead"}
 
 
 def _flags() -> list[str]:
@@ -91,11 +91,17 @@ def _load() -> bool:
 
 def pack(w: jax.Array) -> jax.Array:
     """A [K, N] kernel as panels of PANEL columns, [ceil(N/PANEL), K, PANEL], the last one
-    zero-padded: the layout the kernels read front to back."""
+    zero-padded: the layout the kernels read front to back. bfloat16 stays bfloat16 (half the
+    bytes; the kernels widen it exactly), each panel row ordered c0, c16, c1, c17, ..., c15,
+    c31 so that one 32-bit lane holds a column of each half; anything else becomes float32."""
     k, n = w.shape
     panels = -(-n // PANEL)
-    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, panels * PANEL - n)))
-    return w.reshape(k, panels, PANEL).transpose(1, 0, 2)
+    bf16 = w.dtype == jnp.bfloat16
+    w = jnp.pad(w.astype(jnp.bfloat16 if bf16 else jnp.float32), ((0, 0), (0, panels * PANEL - n)))
+    w = w.reshape(k, panels, PANEL).transpose(1, 0, 2)
+    if bf16:
+        w = w.reshape(panels, k, 2, PANEL // 2).swapaxes(2, 3).reshape(panels, k, PANEL)
+    return w
 
 
 def _registered():
@@ -105,10 +111,20 @@ def _registered():
 
 
 def matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
-    """x [M, K] float32 times a packed [K, n] kernel -> [M, n]."""
+    """x [M, K] float32 times a packed [K, n] kernel -> [M, n] float32."""
     _registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call("jaxllm_packed_matmul", out)(x, w_packed)
+
+
+def head(x: jax.Array, scale: jax.Array, w_packed: jax.Array, n: int, *, eps: float):
+    """A decode step's output: logits = rms_norm(x) * scale times a packed [D, n] kernel,
+    [B, n], and each row's first argmax [B] int32 and log-sum-exp [B] of them."""
+    _registered()
+    b = x.shape[0]
+    out = (jax.ShapeDtypeStruct((b, n), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32),
+           jax.ShapeDtypeStruct((b,), jnp.float32))
+    return jax.ffi.ffi_call("jaxllm_decode_head", out)(x, scale, w_packed, eps=np.float32(eps))
 
 
 def layer(x, weights, k_cache, v_cache, cos, sin, mask, start, *, heads: int, kv_heads: int,
@@ -117,7 +133,8 @@ def layer(x, weights, k_cache, v_cache, cos, sin, mask, start, *, heads: int, kv
     updated in place at `start`.
 
     x [B, D]; weights = (input norm scale, packed q|k|v, q|k|v bias, packed o, post-attention
-    norm scale, packed gate|up, packed down); caches [B, KV, S, hd]; cos/sin [B, hd/2] of each
+    norm scale, packed gate|up, packed down), the norms and bias float32, the packed kernels
+    float32 or bfloat16; caches [B, KV, S, hd]; cos/sin [B, hd/2] of each
     row's position; mask [B, S] (which cache slots each row attends to)."""
     _registered()
     out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
