@@ -16,7 +16,7 @@ from jaxllm.kernels import cpu_decode
 pytest.importorskip("torch")
 from test_model import HF_CASES, hf_model  # noqa: E402
 
-step = jax.jit(models.decode_step, static_argnames="cfg")
+step = jax.jit(models.decode_step, static_argnames=("cfg", "stats"))
 ODD = models.ModelConfig(vocab_size=53, hidden_size=48, intermediate_size=40, num_layers=2,
                          num_heads=6, num_kv_heads=2, head_dim=8, max_seq_len=64)
 
@@ -98,8 +98,11 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
         tok = jnp.argmax(logits, -1)[:, None]
         at = dict(positions=jnp.asarray(pos[:, -1:] + 1 + i), segment_ids=jnp.ones_like(tok))
         logits, ref = step(params, layers, tok, cfg, cache=ref, **at)
-        got, ours = step(params, layers, tok, cfg, cache=ours, fused=fused, **at)
+        got, (argmax, lse), ours = step(params, layers, tok, cfg, cache=ours, fused=fused,
+                                        stats=True, **at)
         np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))  # the kernel's head
+        np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, -1), rtol=1e-5)
     for name in ("k", "v"):
         np.testing.assert_allclose(np.stack(ours[name]), np.stack(ref[name]), rtol=1e-5, atol=1e-5)
     assert int(ours["index"]) == width + steps

@@ -1,4 +1,5 @@
-// One-token decode steps on XLA:CPU: a whole decoder layer per call, and the output projection.
+// One-token decode steps on XLA:CPU: a whole decoder layer per call, and the output head (final
+// norm, output projection, each row's argmax and log-sum-exp).
 //
 // A sampler's decode step multiplies B (the batch) rows by every weight matrix and attends
 // over the KV cache. On XLA:CPU that step is ~140 small ops whose fixed costs (a few us each)
@@ -8,9 +9,9 @@
 // attention, o, RMSNorm, gate/up, SiLU and down, the matmuls shared out to XLA's intra-op
 // threads. The math is jaxllm.models.llama's (Block with a KV cache); tests compare the two.
 //
-// Weights come packed in panels of 32 columns, [ceil(N/32), K, 32] (cpu_decode.pack), so a
-// product reads each matrix front to back once, every weight multiplied into all B rows
-// while the B x 32 outputs of its panel stay in registers over the whole K loop.
+// Weights come packed in panels of 32 columns, [ceil(N/32), K, 32] (cpu_decode.pack), float32
+// or bfloat16, so a product reads each matrix front to back once, every weight multiplied into
+// all B rows while the B x 32 outputs of its panel stay in registers over the whole K loop.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -318,6 +319,16 @@ float* scratch(int index, int64_t n) {
   return buf.data();
 }
 
+// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i], for i < n.
+void silu_times(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf g = load(gate + i);
+    store(out + i, g / (1.0f + exp16(-g)) * load(up + i));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
 // Rotate the halves of one head vector (HF's non-interleaved RoPE): cos/sin [hd/2].
 void rope(float* v, const float* cos, const float* sin, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
@@ -416,13 +427,7 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
   rms_norm(out, ln2.typed_data(), h, b, d, eps);
   matmul(pool, h, pgu, gu, b, d, 2 * f);
-  for (int64_t r = 0; r < b; ++r) {
-    const float* gate = gu + r * 2 * f;
-    float* a = act + r * f;
-    for (int64_t i = 0; i < f; ++i) a[i] = -gate[i];
-    exp_shifted(a, 0.0f, a, f);
-    for (int64_t i = 0; i < f; ++i) a[i] = gate[i] / (1.0f + a[i]) * gate[f + i];
-  }
+  for (int64_t r = 0; r < b; ++r) silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
   matmul(pool, act, pd, down, b, f, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += down[i];
   return ffi::Error::Success();
