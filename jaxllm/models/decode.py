@@ -110,10 +110,8 @@ def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
     def packed(projection: dict) -> dict:  # the kernel packed, a bias in float32
         rest = {k: v.astype(f32) for k, v in projection.items() if k != "kernel"}
         return {"kernel_packed": cpu_decode.pack(projection["kernel"]), **rest}
-    f32_norms = lambda layer: {k: jax.tree.map(lambda a: a.astype(f32), v)  # noqa: E731
-                               for k, v in layer.items() if k.endswith("_layernorm")}
-    layers = [{**layer, **f32_norms(layer), **{m: {p: packed(layer[m][p]) for p in parts}
-                                               for m, parts in _PLAIN.items()}}
+    layers = [{k: {p: packed(v[p]) for p in _PLAIN[k]} if k in _PLAIN  # the rest: norms
+               else jax.tree.map(lambda a: a.astype(f32), v) for k, v in layer.items()}
               for layer in layers]
     head = (params["embed_tokens"]["embedding"].T if cfg.tie_embeddings
             else params["lm_head"]["kernel"])
