@@ -311,7 +311,7 @@ void rms_norm(const float* x, const float* scale, float* out, int64_t b, int64_t
 
 // n floats of this thread's scratch, reused from call to call (index: which buffer). Fresh
 // vectors each call were handed back to the OS when freed and page-faulted in again on the
-// next call: 20-30 us of a ~200 us layer on bench-7m. The contents are not initialised.
+// next call: 5-15 us of a ~220 us layer on bench-7m. The contents are not initialised.
 float* scratch(int index, int64_t n) {
   thread_local std::vector<float> buffers[4];
   std::vector<float>& buf = buffers[index];
