@@ -97,7 +97,8 @@ def _decode(params, fused, tokens, segment_ids, positions, max_lens, key, temper
     layers = models.unstack_layers(params) if fused is None else fused["layers"]
     cache = _constrain_cache(models.cache_per_layer(models.init_cache(cfg, b, p + max_new_tokens)))
     logits, stats, cache = models.decode_step(params, layers, tokens, cfg, positions=positions,
-                                              segment_ids=segment_ids, cache=cache, stats=True)
+                                              segment_ids=segment_ids, cache=cache, stats=True,
+                                              prefill=True)
     cache = _constrain_cache(cache)
     next_pos = positions[:, -1] + 1
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)

@@ -16,9 +16,13 @@ from jaxllm.kernels import cpu_decode
 pytest.importorskip("torch")
 from test_model import HF_CASES, hf_model  # noqa: E402
 
-step = jax.jit(models.decode_step, static_argnames=("cfg", "stats"))
+step = jax.jit(models.decode_step, static_argnames=("cfg", "stats", "prefill"))
 ODD = models.ModelConfig(vocab_size=53, hidden_size=48, intermediate_size=40, num_layers=2,
                          num_heads=6, num_kv_heads=2, head_dim=8, max_seq_len=64)
+# Query groups of two over heads of 32 (the attention's two-head, 32-column path).
+WIDE_HEADS = models.ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=48,
+                                num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
+                                max_seq_len=64)
 
 
 def test_the_kernels_build_on_this_machine():
@@ -68,12 +72,13 @@ def test_a_mismatched_operand_is_refused_by_name():
         jax.block_until_ready(cpu_decode.matmul(x, w, 70))  # 40 columns packed, 70 asked
 
 
-@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights"])
+@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights", "wide-heads"])
 def test_fused_decode_steps_equal_the_flax_decoder(case):
     """bfloat16 weights with float32 activations: the Flax layers widen them, the kernels read
-    them as bfloat16 (half the bytes) and widen them as they load; the same float32 math."""
-    if case in ("odd-sizes", "bfloat16-weights"):
-        cfg = ODD
+    them as bfloat16 (half the bytes) and widen them as they load; the same float32 math.
+    Enough steps that the attention's blocks of 16 keys run, and the sliding window slides."""
+    if case in ("odd-sizes", "bfloat16-weights", "wide-heads"):
+        cfg = WIDE_HEADS if case == "wide-heads" else ODD
         params = models.init(cfg, jax.random.key(0))
         if case == "bfloat16-weights":
             cfg = cfg.replace(param_dtype="bfloat16")
@@ -84,15 +89,19 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
     layers = models.unstack_layers(params)
     fused = models.fused_decode_weights(params, layers, cfg)
     assert fused is not None and fused["head"].dtype == jnp.dtype(cfg.param_dtype)
-    lengths, width, steps = (5, 9, 3), 9, 6
+    lengths, width, steps = (5, 9, 3), 9, 10
     tokens, seg, pos = sampler.pad_prompts(
         [np.random.default_rng(n).integers(1, cfg.vocab_size, n).tolist() for n in lengths])
     empty = models.cache_per_layer(models.init_cache(cfg, len(lengths), width + steps))
     logits, cache = step(params, layers, tokens, cfg, positions=pos, segment_ids=seg, cache=empty)
-    # A prefill through the Flax layers reading the packed kernels (generate's) is the same.
-    packed, _ = step(params, fused["layers"], tokens, cfg, positions=pos, segment_ids=seg,
-                     cache=empty)
+    # generate's prefill, through the Flax layers reading the packed kernels and attending over
+    # its own keys only, is the same.
+    packed, packed_cache = step(params, fused["layers"], tokens, cfg, positions=pos,
+                                segment_ids=seg, cache=empty, prefill=True)
     np.testing.assert_allclose(packed, logits, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.stack(packed_cache[name]), np.stack(cache[name]),
+                                   rtol=1e-5, atol=1e-5)
     ours, ref = cache, cache
     for i in range(steps):
         tok = jnp.argmax(logits, -1)[:, None]

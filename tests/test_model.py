@@ -76,15 +76,22 @@ def test_kv_cache_decode_equals_forward(kw):
         steps.append(out)
     np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert int(cache["index"]) == 20
-    # The sampler's step: per-layer params and cache lists, the same logits.
-    layers, cache = models.unstack_layers(params), models.cache_per_layer(models.init_cache(cfg, 2, 32))
-    steps = []
-    for lo, hi in ((0, 7), *((t, t + 1) for t in range(7, 20))):
-        out, cache = models.decode_step(params, layers, tokens[:, lo:hi], cfg, cache=cache,
-                                        positions=jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo)),
-                                        segment_ids=jnp.ones((2, hi - lo), jnp.int32))
-        steps.append(out)
-    np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
+    # The sampler's step: per-layer params and cache lists, the same logits and cache, with the
+    # prefill attending over the whole masked cache or (prefill=True) over its own keys only.
+    layers = models.unstack_layers(params)
+    caches = []
+    for prefill in (False, True):
+        cache, steps = models.cache_per_layer(models.init_cache(cfg, 2, 32)), []
+        for lo, hi in ((0, 7), *((t, t + 1) for t in range(7, 20))):
+            out, cache = models.decode_step(
+                params, layers, tokens[:, lo:hi], cfg, cache=cache, prefill=prefill and lo == 0,
+                positions=jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo)),
+                segment_ids=jnp.ones((2, hi - lo), jnp.int32))
+            steps.append(out)
+        np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
+        caches.append(cache)
+    for a, b in zip(*(c["k"] + c["v"] for c in caches)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("adapted", ["int8", "int8+lora"])

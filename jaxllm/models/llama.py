@@ -198,7 +198,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, kv, cache_meta):
+    def __call__(self, x, positions, segment_ids, kv, cache_meta, last_only=False):
+        """last_only (with a cache): the keys and values of every token go into the cache, the
+        output is the last token's only, [B, 1, D]."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -232,14 +234,23 @@ class Attention(nn.Module):
             write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
                 buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), start, 2)
             ck, cv = write(kv["k"], k), write(kv["v"], v)
-            s = ck.shape[2]
-            q_idx = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-            k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
-            mask = attention_mask(q_idx, k_idx, segment_ids, cseg, cfg.sliding_window)
-            out = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, scale)
+            # A prefill into an empty cache (models.decode_step(prefill=True)) sees only its own
+            # keys, so it attends over those, not the whole masked buffer.
+            fresh = isinstance(start, int) and start == 0
+            if fresh and not last_only:
+                out = causal_attention(q, k, v, segment_ids, scale, cfg.sliding_window)
+            else:
+                kh, vh, kseg = ((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids)
+                                if fresh else (ck, cv, cseg))
+                q_idx, qseg = jnp.broadcast_to(start + jnp.arange(t), (b, t)), segment_ids
+                if last_only:
+                    q, q_idx, qseg = q[:, -1:], q_idx[:, -1:], qseg[:, -1:]
+                k_idx = jnp.broadcast_to(jnp.arange(kh.shape[2]), (b, kh.shape[2]))
+                mask = attention_mask(q_idx, k_idx, qseg, kseg, cfg.sliding_window)
+                out = attend(q, kh.astype(q.dtype), vh.astype(q.dtype), mask, scale)
             new_kv = {"k": ck, "v": cv}
 
-        out = out.reshape(b, t, h * hd)
+        out = out.reshape(b, q.shape[1], h * hd)
         return _dense(cfg.hidden_size, ("heads", "embed"), cfg, False, "o_proj")(out), new_kv
 
 
@@ -279,10 +290,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, kv, cache_meta):
+    def __call__(self, x, positions, segment_ids, kv, cache_meta, last_only=False):
         attn, kv = Attention(self.cfg, name="self_attn")(
-            RMSNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids, kv, cache_meta)
-        x = x + attn
+            RMSNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids, kv, cache_meta,
+            last_only)
+        x = (x[:, -1:] if last_only else x) + attn
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
         return constrain(x, ("act_batch", "act_length", "act_embed")), kv
 

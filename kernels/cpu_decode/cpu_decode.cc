@@ -81,18 +81,6 @@ inline vf exp16(vf x) {
   return lo != 0 ? vf{} : hi != 0 ? hi : p * scale;
 }
 
-// out[i] = e^(in[i] - shift) for i < n.
-void exp_shifted(const float* in, float shift, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store(out + i, exp16(load(in + i) - shift));
-  if (i < n) {
-    float buf[kLanes] = {};
-    std::memcpy(buf, in + i, (n - i) * sizeof(float));
-    const vf e = exp16(load(buf) - shift);
-    for (int64_t j = i; j < n; ++j) out[j] = e[j - i];
-  }
-}
-
 inline float hsum(vf v) {  // a tree of half-width adds
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
@@ -112,53 +100,138 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// out[0:4] = q . keys[0:4] (keys [4, n], n a multiple of kLanes): four dot products whose
-// horizontal sums share their shuffles (one sum at a time bound the attention logits).
-inline void dot4(const float* q, const float* keys, int64_t n, float* out) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const vf qv = load(q + i);
-    a0 += qv * load(keys + i);
-    a1 += qv * load(keys + n + i);
-    a2 += qv * load(keys + 2 * n + i);
-    a3 += qv * load(keys + 3 * n + i);
-  }
-  auto half = [](vf v) -> v8 {
-    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  };
-  const v8 h0 = half(a0), h1 = half(a1), h2 = half(a2), h3 = half(a3);
-  const v8 p01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
-                 __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);  // h0 x4 | h1 x4
-  const v8 p23 = __builtin_shufflevector(h2, h3, 0, 1, 2, 3, 8, 9, 10, 11) +
-                 __builtin_shufflevector(h2, h3, 4, 5, 6, 7, 12, 13, 14, 15);
-  const v8 q2 = __builtin_shufflevector(p01, p23, 0, 1, 8, 9, 4, 5, 12, 13) +
-                __builtin_shufflevector(p01, p23, 2, 3, 10, 11, 6, 7, 14, 15);  // h0 h0 h2 h2 h1..
-  const v4 r = __builtin_shufflevector(q2, q2, 0, 2, 4, 6) +
-               __builtin_shufflevector(q2, q2, 1, 3, 5, 7);  // h0 h2 h1 h3
-  out[0] = r[0], out[1] = r[2], out[2] = r[1], out[3] = r[3];
-}
-
-// out[0:n] = sum over t < s of p[t] * rows[t, 0:n] (rows [s, n]), one 16-column strip at a
-// time with its sums in registers (four of them, over t mod 4, to cut the chain of dependent
-// adds); p is 0 for the masked rows, whose products add nothing.
-void weighted_rows(const float* p, const float* rows, float* out, int64_t s, int64_t n) {
+// out[i] = e^(in[i] - shift) for i < n; returns their sum.
+float exp_shifted(const float* in, float shift, float* out, int64_t n) {
+  vf sum = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vf acc[4] = {};
-    int64_t t = 0;
-    for (; t + 4 <= s; t += 4)
-      for (int j = 0; j < 4; ++j) acc[j] += p[t + j] * load(rows + (t + j) * n + i);
-    for (; t < s; ++t) acc[0] += p[t] * load(rows + t * n + i);
-    store(out + i, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+    const vf e = exp16(load(in + i) - shift);
+    store(out + i, e);
+    sum += e;
   }
-  for (; i < n; ++i) {
-    float sum = 0;
-    for (int64_t t = 0; t < s; ++t)
-      if (p[t] != 0) sum += p[t] * rows[t * n + i];
-    out[i] = sum;
+  float total = 0;
+  if (i < n) {
+    float buf[kLanes] = {};
+    std::memcpy(buf, in + i, (n - i) * sizeof(float));
+    const vf e = exp16(load(buf) - shift);
+    for (int64_t j = i; j < n; ++j) total += out[j] = e[j - i];
+  }
+  return hsum(sum) + total;
+}
+
+// out[k] = the sum of v[k]'s lanes, k < 16. Each level adds the low and high halves of every
+// vector's partial sums while merging two vectors into one: 30 shuffles for 16 sums, where
+// one sum at a time takes 4 each.
+inline vf hsum16(vf v[16]) {
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: v[2i]'s 8 partial sums, 8-15: v[2i+1]'s
+    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                   25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // 4 lanes each
+    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17,
+                                   18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // 2 lanes each
+    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17,
+                                   20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// q . keys[k] for the 16 keys [16, n] (n a multiple of kLanes), one lane each.
+inline vf dot16(const float* q, const float* keys, int64_t n) {
+  vf partial[16];
+  for (int k = 0; k < 16; ++k, keys += n) {
+    vf acc = load(q) * load(keys);
+    for (int64_t i = kLanes; i < n; i += kLanes) acc += load(q + i) * load(keys + i);
+    partial[k] = acc;
+  }
+  return hsum16(partial);
+}
+
+// l[t] = ok[t] ? l[t] * scale : kNegInf (llama.attend's masked logits), t < n; returns their
+// max.
+float scale_and_mask(float* l, const bool* ok, float scale, int64_t n) {
+  typedef int8_t vb __attribute__((vector_size(kLanes)));
+  typedef int16_t vh __attribute__((vector_size(2 * kLanes)));
+  typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+  vf top = vf{} + kNegInf;
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    vb allowed;
+    std::memcpy(&allowed, ok + t, sizeof allowed);
+    // Widened in two steps: GCC 12 turns one 8-to-32-bit conversion into 16 scalar ones.
+    const vi wide = __builtin_convertvector(__builtin_convertvector(allowed, vh), vi);
+    const vf v = wide != 0 ? load(l + t) * scale : vf{} + kNegInf;
+    store(l + t, v);
+    top = v > top ? v : top;
+  }
+  float best = kNegInf;
+  for (int j = 0; j < kLanes; ++j) best = std::max(best, top[j]);
+  for (; t < n; ++t) {
+    l[t] = ok[t] ? l[t] * scale : kNegInf;
+    best = std::max(best, l[t]);
+  }
+  return best;
+}
+
+// out[g][i : i + V * 16] = sum over t < s of p[g][t] * rows[t, i : i + V * 16], g < G: each
+// strip of a row, once loaded, is multiplied into all G heads' sums, which sit in registers
+// (two sets, over even and odd t, to halve the chains of dependent adds).
+template <int G, int V>
+void weighted_strips(const float* const* p, const float* rows, float* const* out, int64_t s,
+                     int64_t n, int64_t i) {
+  vf even[G][V] = {}, odd[G][V] = {};
+  auto add = [&](vf(&acc)[G][V], int64_t t) {
+    vf row[V];
+    for (int v = 0; v < V; ++v) row[v] = load(rows + t * n + i + v * kLanes);
+    for (int g = 0; g < G; ++g)
+      for (int v = 0; v < V; ++v) acc[g][v] += p[g][t] * row[v];
+  };
+  int64_t t = 0;
+  for (; t + 2 <= s; t += 2) add(even, t), add(odd, t + 1);
+  if (t < s) add(even, t);
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < V; ++v) store(out[g] + i + v * kLanes, even[g][v] + odd[g][v]);
+}
+
+// out[g][0:n] = sum over t < s of p[g][t] * rows[t, 0:n], g < G, 32 columns at a time.
+template <int G>
+void weighted_heads(const float* const* p, const float* rows, float* const* out, int64_t s,
+                    int64_t n) {
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) weighted_strips<G, 2>(p, rows, out, s, n, i);
+  for (; i + kLanes <= n; i += kLanes) weighted_strips<G, 1>(p, rows, out, s, n, i);
+  for (; i < n; ++i)
+    for (int g = 0; g < G; ++g) {
+      float sum = 0;
+      for (int64_t t = 0; t < s; ++t)
+        if (p[g][t] != 0) sum += p[g][t] * rows[t * n + i];
+      out[g][i] = sum;
+    }
+}
+
+// out[g, 0:n] = sum over t < s of p[g, t] * rows[t, 0:n] for g < group (p [group, ps], rows
+// [s, n], out [group, n]), two heads at a time; p is 0 for the masked rows, whose products
+// add nothing.
+void weighted_rows(const float* p, int64_t ps, const float* rows, float* out, int64_t group,
+                   int64_t s, int64_t n) {
+  int64_t g = 0;
+  for (; g + 2 <= group; g += 2) {
+    const float* pg[2] = {p + g * ps, p + (g + 1) * ps};
+    float* og[2] = {out + g * n, out + (g + 1) * n};
+    weighted_heads<2>(pg, rows, og, s, n);
+  }
+  if (g < group) {
+    const float* pg[1] = {p + g * ps};
+    float* og[1] = {out + g * n};
+    weighted_heads<1>(pg, rows, og, s, n);
   }
 }
 
@@ -343,29 +416,26 @@ void rope(float* v, const float* cos, const float* sin, int64_t half) {
 void attend_group(const float* q, const float* keys, const float* values, const bool* ok,
                   int64_t group, int64_t s, int64_t hd, float* out) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  float* logits = scratch(0, 2 * s);  // runs on helper threads: their own scratch
-  float* probs = logits + s;
+  float* probs = scratch(0, group * (s + 1));  // runs on helper threads: their own scratch
+  float* totals = probs + group * s;
   // Keys past the last allowed one (the cache's unwritten tail) get probability 0 and are not
   // read; with none allowed, softmax of equal logits averages them all, as llama.attend does.
   int64_t end = s;
   while (end > 0 && !ok[end - 1]) --end;
   if (end == 0) end = s;
-  for (int64_t g = 0; g < group; ++g, q += hd, out += hd) {
+  for (int64_t g = 0; g < group; ++g) {  // each head's logits, then probabilities in place
+    float* l = probs + g * s;
+    const float* qg = q + g * hd;
     int64_t t = 0;
     if (hd % kLanes == 0)
-      for (; t + 4 <= end; t += 4) dot4(q, keys + t * hd, hd, logits + t);
-    for (; t < end; ++t) logits[t] = dot(q, keys + t * hd, hd);
-    float top = kNegInf;
-    for (t = 0; t < end; ++t) {
-      logits[t] = ok[t] ? logits[t] * scale : kNegInf;
-      top = std::max(top, logits[t]);
-    }
-    exp_shifted(logits, top, probs, end);  // 0 for masked keys unless all are
-    float total = 0;
-    for (t = 0; t < end; ++t) total += probs[t];
-    weighted_rows(probs, values, out, end, hd);
-    for (int64_t i = 0; i < hd; ++i) out[i] /= total;
+      for (; t + 16 <= end; t += 16) store(l + t, dot16(qg, keys + t * hd, hd));
+    for (; t < end; ++t) l[t] = dot(qg, keys + t * hd, hd);
+    const float top = scale_and_mask(l, ok, scale, end);
+    totals[g] = exp_shifted(l, top, l, end);  // 0 for masked keys unless all are
   }
+  weighted_rows(probs, s, values, out, group, end, hd);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= totals[g];
 }
 
 ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ln1,
@@ -406,28 +476,35 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* down = act + b * f;
   rms_norm(x.typed_data(), ln1.typed_data(), h, b, d, eps);
   matmul(pool, h, pqkv, qkv, b, d, nqkv);
-  for (int64_t r = 0; r < b; ++r) {
-    float* row = qkv + r * nqkv;
-    for (int64_t i = 0; i < nqkv; ++i) row[i] += bqkv.typed_data()[i];
-    for (int64_t head = 0; head < heads + kv_heads; ++head)  // q heads, then k heads
-      rope(row + head * hd, cs + r * hd / 2, sn + r * hd / 2, hd / 2);
-    for (int64_t j = 0; j < kv_heads; ++j) {
-      const int64_t at = ((r * kv_heads + j) * s + start) * hd;
-      std::memcpy(ck + at, row + nq + j * hd, hd * sizeof(float));
-      std::memcpy(cv + at, row + nq + (kv_heads + j) * hd, hd * sizeof(float));
-    }
-  }
-  // Attention, one (row, kv head) per item: its query group against its keys and values.
-  parallel_for(pool, b * kv_heads, b * heads * s * hd, [&](int64_t item) {
+  // One (row, kv head) per item: the bias and RoPE of its query group and its key and value,
+  // the cache write, then attention of the group over its keys and values.
+  const float* bias = bqkv.typed_data();
+  parallel_for(pool, b * kv_heads, kSerialWork + b * heads * s * hd, [&](int64_t item) {
     const int64_t r = item / kv_heads, j = item % kv_heads, at = (r * kv_heads + j) * s * hd;
-    attend_group(qkv + r * nqkv + j * group * hd, ck + at, cv + at, allowed + r * s,
-                 group, s, hd, attn + r * nq + j * group * hd);
+    float* row = qkv + r * nqkv;
+    float* q = row + j * group * hd;
+    float* k = row + nq + j * hd;
+    float* v = row + nq + (kv_heads + j) * hd;
+    for (float* part : {q, k, v})
+      for (int64_t i = 0, n = part == q ? group * hd : hd; i < n; ++i)
+        part[i] += bias[part - row + i];
+    const float *cos_r = cs + r * hd / 2, *sin_r = sn + r * hd / 2;
+    for (int64_t g = 0; g < group; ++g) rope(q + g * hd, cos_r, sin_r, hd / 2);
+    rope(k, cos_r, sin_r, hd / 2);
+    std::memcpy(ck + at + start * hd, k, hd * sizeof(float));
+    std::memcpy(cv + at + start * hd, v, hd * sizeof(float));
+    attend_group(q, ck + at, cv + at, allowed + r * s, group, s, hd,
+                 attn + r * nq + j * group * hd);
   });
   matmul(pool, attn, po, out, b, nq, d);
-  for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
-  rms_norm(out, ln2.typed_data(), h, b, d, eps);
+  parallel_for(pool, b, kSerialWork, [&](int64_t r) {  // the residual, then the second norm
+    for (int64_t i = r * d; i < (r + 1) * d; ++i) out[i] += x.typed_data()[i];
+    rms_norm(out + r * d, ln2.typed_data(), h + r * d, 1, d, eps);
+  });
   matmul(pool, h, pgu, gu, b, d, 2 * f);
-  for (int64_t r = 0; r < b; ++r) silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
+  parallel_for(pool, b, kSerialWork, [&](int64_t r) {
+    silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
+  });
   matmul(pool, act, pd, down, b, f, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += down[i];
   return ffi::Error::Success();
