@@ -1,6 +1,6 @@
 """Generation throughput: jaxllm's jitted KV-cache sampler (with its fused CPU decode kernels,
 and with XLA's ops only) vs Hugging Face `generate`, on the same weights (a random HF Llama
-imported through our converter), greedy; then the decode loop's roofline measured in the run.
+imported through our converter), greedy; then what bounds the decode loop, measured in the run.
 
     python experiments/bench/generate.py [--batch 8] [--prompt 64] [--new 128] [--reps 5]
         [--preset bench-7m] [--checkpoint-dtype float32|bfloat16]
@@ -133,14 +133,30 @@ def stream_rates(dtype: str) -> dict[str, float]:
     for name, (step, ks) in products.items():
         step(x, ks).block_until_ready()
         best = min(_timed(lambda: step(x, ks).block_until_ready()) for _ in range(10))
-        rates[f"{dtype} weights through a batch-8 product: {name}"] = (
+        rates[f"bytes from memory: {dtype} weights through {name}"] = (
             sum(k.nbytes for k in kernels) / best)
     return rates
 
 
+def fma_rate(dtype: str) -> float:
+    """Multiply-adds/s of our packed product, batch 8, on a kernel that stays in the caches
+    (2 MB in float32), best of 20: what these cores' vector units deliver to a decode step."""
+    w = cpu_decode.pack(jnp.full((256, 2048), 0.5, dtype))
+    loops = 100
+
+    @jax.jit
+    def run(x, w):  # each product feeds the next, so none can be skipped or merged
+        body = lambda _, x: x + 1e-9 * cpu_decode.matmul(x, w, 2048)[:, :256]  # noqa: E731
+        return jax.lax.fori_loop(0, loops, body, x)
+    x = jnp.ones((8, 256), jnp.float32)
+    run(x, w).block_until_ready()
+    best = min(_timed(lambda: run(x, w).block_until_ready()) for _ in range(20))
+    return loops * 8 * 256 * 2048 / best
+
+
 def read_rate() -> float:
     """Bytes/s this machine's memory delivers to a plain multi-threaded read (torch sum over
-    256 MiB): the bandwidth ceiling whatever the matmul kernels."""
+    256 MiB)."""
     import torch
     data = torch.rand(64 * 2**20)
     best = min(_timed(data.sum) for _ in range(5))
@@ -154,27 +170,41 @@ def _timed(fn) -> float:
 
 
 def roofline(cfg, params, args, ours_s, theirs_s, prefill_s):
-    """The decode loop's floor on this machine: every step reads all weights but the embedding
-    table (its B rows are a gather; a tied table is read whole as the output projection) and
-    the KV cache (float32) up to its position, so no sampler can run its steps faster than
-    those bytes stream."""
+    """What bounds the decode loop on this machine, measured in this run. Each step multiplies
+    every weight but the embedding table's (its B rows are a gather; a tied table is the output
+    projection) into all B rows, and reads the KV cache (float32) up to its position.
+    - The multiply-adds, at the rate our product reaches on weights in cache, are close to a
+      floor for any float32 sampler on these cores (whose vector units do at most 16 per cycle
+      each).
+    - The bytes, at the rates they stream from memory when nothing stays in cache, are not: the
+      steps' working set (~25 MB on bench-7m) partly stays in this CPU's L3 between steps."""
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    n_weights = sum(x.size for x in jax.tree.leaves(params))
     if not cfg.tie_embeddings:
         weights -= params["embed_tokens"]["embedding"].nbytes
+        n_weights -= params["embed_tokens"]["embedding"].size
     slots = -(-args.prompt // 16) * 16 + args.new / 2  # prompts padded to a multiple of 16
     kv = 2 * cfg.num_layers * args.batch * cfg.num_kv_heads * slots * cfg.dim_per_head * 4
+    fmas = args.batch * n_weights + kv / 4 * (cfg.num_heads // cfg.num_kv_heads)
     steps = args.new - 1
-    print(f"\nRoofline: a decode step reads {(weights + kv) / 1e6:.1f} MB (weights "
-          f"{weights / 1e6:.1f} MB, KV cache {kv / 1e6:.1f} MB on average); prefill measured "
-          f"{prefill_s:.3f} s; "
-          f"our {steps} decode steps took {ours_s - prefill_s:.3f} s.")
-    print(f"| {'bandwidth (measured now)':<72} | {'GB/s':>5} | {'steps >=':>8} | "
+    print(f"\nRoofline: a decode step does {fmas / 1e6:.0f} M multiply-adds and reads "
+          f"{(weights + kv) / 1e6:.1f} MB (weights {weights / 1e6:.1f} MB, KV cache "
+          f"{kv / 1e6:.1f} MB on average); prefill measured {prefill_s:.3f} s; our {steps} "
+          f"decode steps took {ours_s - prefill_s:.3f} s.")
+    print(f"| {'limit (measured now)':<72} | {'rate':>10} | {'steps >=':>8} | "
           f"{'+ prefill':>9} | {'max vs HF':>9} |")
-    print(f"|{'-' * 74}|{'-' * 7}|{'-' * 10}|{'-' * 11}|{'-' * 11}|")
-    rates = stream_rates(args.checkpoint_dtype) | {"memory read, all threads (torch sum of 256 MiB)": read_rate()}
+    print(f"|{'-' * 74}|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 11}|")
+    limits = {}
+    if cpu_decode.available():
+        rate = fma_rate(args.checkpoint_dtype)
+        limits["multiply-adds: our packed product, weights in cache (~ a floor)"] = (
+            f"{rate / 1e9:.0f} GFMA/s", steps * fmas / rate)
+    rates = stream_rates(args.checkpoint_dtype) | {
+        "bytes from memory: a plain read, all threads (torch sum of 256 MiB)": read_rate()}
     for name, rate in rates.items():
-        floor = steps * (weights + kv) / rate
-        print(f"| {name:<72} | {rate / 1e9:5.1f} | {floor:8.3f} | {prefill_s + floor:9.3f} | "
+        limits[name] = (f"{rate / 1e9:.1f} GB/s", steps * (weights + kv) / rate)
+    for name, (rate, floor) in limits.items():
+        print(f"| {name:<72} | {rate:>10} | {floor:8.3f} | {prefill_s + floor:9.3f} | "
               f"{theirs_s / (prefill_s + floor):8.1f}x |")
 
 
