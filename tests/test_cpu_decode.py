@@ -23,6 +23,9 @@ ODD = models.ModelConfig(vocab_size=53, hidden_size=48, intermediate_size=40, nu
 WIDE_HEADS = models.ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=48,
                                 num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
                                 max_seq_len=64)
+# Big enough (batch 8, 140 cache slots) that every stage shares its work out to the threads.
+THREADED = WIDE_HEADS.replace(vocab_size=2048, hidden_size=128, intermediate_size=256,
+                              num_heads=8, num_kv_heads=4, max_seq_len=160)
 
 
 def test_the_kernels_build_on_this_machine():
@@ -72,13 +75,14 @@ def test_a_mismatched_operand_is_refused_by_name():
         jax.block_until_ready(cpu_decode.matmul(x, w, 70))  # 40 columns packed, 70 asked
 
 
-@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights", "wide-heads"])
+@pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights", "wide-heads",
+                                  "threaded"])
 def test_fused_decode_steps_equal_the_flax_decoder(case):
     """bfloat16 weights with float32 activations: the Flax layers widen them, the kernels read
     them as bfloat16 (half the bytes) and widen them as they load; the same float32 math.
     Enough steps that the attention's blocks of 16 keys run, and the sliding window slides."""
-    if case in ("odd-sizes", "bfloat16-weights", "wide-heads"):
-        cfg = WIDE_HEADS if case == "wide-heads" else ODD
+    if case in ("odd-sizes", "bfloat16-weights", "wide-heads", "threaded"):
+        cfg = {"wide-heads": WIDE_HEADS, "threaded": THREADED}.get(case, ODD)
         params = models.init(cfg, jax.random.key(0))
         if case == "bfloat16-weights":
             cfg = cfg.replace(param_dtype="bfloat16")
@@ -89,7 +93,8 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
     layers = models.unstack_layers(params)
     fused = models.fused_decode_weights(params, layers, cfg)
     assert fused is not None and fused["head"].dtype == jnp.dtype(cfg.param_dtype)
-    lengths, width, steps = (5, 9, 3), 9, 10
+    lengths, steps = ((137,) * 7 + (120,), 3) if case == "threaded" else ((5, 9, 3), 10)
+    width = max(lengths)
     tokens, seg, pos = sampler.pad_prompts(
         [np.random.default_rng(n).integers(1, cfg.vocab_size, n).tolist() for n in lengths])
     empty = models.cache_per_layer(models.init_cache(cfg, len(lengths), width + steps))

@@ -479,7 +479,7 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   // One (row, kv head) per item: the bias and RoPE of its query group and its key and value,
   // the cache write, then attention of the group over its keys and values.
   const float* bias = bqkv.typed_data();
-  parallel_for(pool, b * kv_heads, kSerialWork + b * heads * s * hd, [&](int64_t item) {
+  parallel_for(pool, b * kv_heads, b * heads * s * hd, [&](int64_t item) {
     const int64_t r = item / kv_heads, j = item % kv_heads, at = (r * kv_heads + j) * s * hd;
     float* row = qkv + r * nqkv;
     float* q = row + j * group * hd;
@@ -497,14 +497,10 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                  attn + r * nq + j * group * hd);
   });
   matmul(pool, attn, po, out, b, nq, d);
-  parallel_for(pool, b, kSerialWork, [&](int64_t r) {  // the residual, then the second norm
-    for (int64_t i = r * d; i < (r + 1) * d; ++i) out[i] += x.typed_data()[i];
-    rms_norm(out + r * d, ln2.typed_data(), h + r * d, 1, d, eps);
-  });
+  for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
+  rms_norm(out, ln2.typed_data(), h, b, d, eps);
   matmul(pool, h, pgu, gu, b, d, 2 * f);
-  parallel_for(pool, b, kSerialWork, [&](int64_t r) {
-    silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
-  });
+  for (int64_t r = 0; r < b; ++r) silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
   matmul(pool, act, pd, down, b, f, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += down[i];
   return ffi::Error::Success();
