@@ -23,7 +23,7 @@ ODD = models.ModelConfig(vocab_size=53, hidden_size=48, intermediate_size=40, nu
 WIDE_HEADS = models.ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=48,
                                 num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
                                 max_seq_len=64)
-# Big enough (batch 8, 140 cache slots) that every stage shares its work out to the threads.
+# Batch 8 over 140 cache slots: enough work that every stage runs on the pool's threads.
 THREADED = WIDE_HEADS.replace(vocab_size=2048, hidden_size=128, intermediate_size=256,
                               num_heads=8, num_kv_heads=4, max_seq_len=160)
 
@@ -73,6 +73,8 @@ def test_a_mismatched_operand_is_refused_by_name():
     x, w = jnp.ones((2, 8)), cpu_decode.pack(jnp.ones((8, 40)))
     with pytest.raises(Exception, match="cpu_decode.matmul"):
         jax.block_until_ready(cpu_decode.matmul(x, w, 70))  # 40 columns packed, 70 asked
+    with pytest.raises(Exception, match="cpu_decode.head"):  # a norm scale of 7 for 8 features
+        jax.block_until_ready(cpu_decode.head(x, jnp.ones(7), w, 40, eps=1e-5))
 
 
 @pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights", "wide-heads",
@@ -80,7 +82,8 @@ def test_a_mismatched_operand_is_refused_by_name():
 def test_fused_decode_steps_equal_the_flax_decoder(case):
     """bfloat16 weights with float32 activations: the Flax layers widen them, the kernels read
     them as bfloat16 (half the bytes) and widen them as they load; the same float32 math.
-    Enough steps that the attention's blocks of 16 keys run, and the sliding window slides."""
+    Enough steps that the attention's blocks of 16 keys run and the sliding window slides;
+    "threaded" is big enough that every stage shares its work out to the pool's threads."""
     if case in ("odd-sizes", "bfloat16-weights", "wide-heads", "threaded"):
         cfg = {"wide-heads": WIDE_HEADS, "threaded": THREADED}.get(case, ODD)
         params = models.init(cfg, jax.random.key(0))
@@ -96,7 +99,8 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
     lengths, steps = ((137,) * 7 + (120,), 3) if case == "threaded" else ((5, 9, 3), 10)
     width = max(lengths)
     tokens, seg, pos = sampler.pad_prompts(
-        [np.random.default_rng(n).integers(1, cfg.vocab_size, n).tolist() for n in lengths])
+        [np.random.default_rng(i).integers(1, cfg.vocab_size, n).tolist()
+         for i, n in enumerate(lengths)])
     empty = models.cache_per_layer(models.init_cache(cfg, len(lengths), width + steps))
     logits, cache = step(params, layers, tokens, cfg, positions=pos, segment_ids=seg, cache=empty)
     # generate's prefill, through the Flax layers reading the packed kernels and attending over
