@@ -92,6 +92,9 @@ def test_kv_cache_decode_equals_forward(kw):
         caches.append(cache)
     for a, b in zip(*(c["k"] + c["v"] for c in caches)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs an empty cache; its index is 20"):
+        models.decode_step(params, layers, tokens[:, :1], cfg, cache=cache, prefill=True,
+                           positions=jnp.full((2, 1), 20), segment_ids=jnp.ones((2, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("adapted", ["int8", "int8+lora"])

@@ -66,6 +66,9 @@ def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, se
     decoder, block = Decoder(cfg), Block(cfg)
     x = decoder.apply({"params": top}, tokens, method=Decoder.embed)
     start = cache["index"]
+    if prefill and not isinstance(start, jax.core.Tracer) and int(start) != 0:
+        raise ValueError(f"decode_step(prefill=True) needs an empty cache; its index is "
+                         f"{int(start)}")
     seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
     ks, vs = [], []
     for i, (layer, k, v) in enumerate(zip(layers, cache["k"], cache["v"])):
