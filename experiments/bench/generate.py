@@ -30,11 +30,11 @@ from jaxllm.kernels import cpu_decode
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--preset", default="bench-7m")
+    ap.add_argument("--batch", type=_positive, default=8)
+    ap.add_argument("--prompt", type=_positive, default=64)
+    ap.add_argument("--new", type=_positive, default=128)
+    ap.add_argument("--reps", type=_positive, default=5)
+    ap.add_argument("--preset", choices=sorted(models.PRESETS), default="bench-7m")
     ap.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
     import torch
@@ -103,6 +103,13 @@ def main():
     roofline(cfg, params, args, a_t, b_t, best["prefill"])
     print(f"greedy tokens identical to HF in float32: {100 * same:.1f}% (XLA ops only: "
           f"{100 * same_xla:.1f}%)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 @contextlib.contextmanager

@@ -148,11 +148,11 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
                           segment_ids, seg, cfg.sliding_window)[:, 0]
     angles = positions[:, 0, None].astype(jnp.float32) * rope_inv_freq(cfg)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
+    no_bias = jnp.zeros((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.dim_per_head)
     ks, vs = [], []
     for layer, k, v in zip(fused["layers"], cache["k"], cache["v"]):
         attn, mlp = layer["self_attn"], layer["mlp"]
         qkv = attn["qkv_proj"]
-        no_bias = jnp.zeros((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.dim_per_head)
         weights = (layer["input_layernorm"]["scale"], qkv["kernel_packed"],
                    qkv.get("bias", no_bias), attn["o_proj"]["kernel_packed"],
                    layer["post_attention_layernorm"]["scale"],

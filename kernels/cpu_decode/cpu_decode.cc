@@ -100,13 +100,13 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// out[i] = e^(in[i] - shift) for i < n; returns their sum.
+// The sum of e^(in[i] - shift) for i < n, each also written to out[i] unless out is null.
 float exp_shifted(const float* in, float shift, float* out, int64_t n) {
   vf sum = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vf e = exp16(load(in + i) - shift);
-    store(out + i, e);
+    if (out) store(out + i, e);
     sum += e;
   }
   float total = 0;
@@ -114,7 +114,10 @@ float exp_shifted(const float* in, float shift, float* out, int64_t n) {
     float buf[kLanes] = {};
     std::memcpy(buf, in + i, (n - i) * sizeof(float));
     const vf e = exp16(load(buf) - shift);
-    for (int64_t j = i; j < n; ++j) total += out[j] = e[j - i];
+    for (int64_t j = i; j < n; ++j) {
+      total += e[j - i];
+      if (out) out[j] = e[j - i];
+    }
   }
   return hsum(sum) + total;
 }
@@ -386,7 +389,7 @@ void rms_norm(const float* x, const float* scale, float* out, int64_t b, int64_t
 // vectors each call were handed back to the OS when freed and page-faulted in again on the
 // next call: 5-15 us of a ~220 us layer on bench-7m. The contents are not initialised.
 float* scratch(int index, int64_t n) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[3];  // attention, a layer's block, the head
   std::vector<float>& buf = buffers[index];
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
   return buf.data();
@@ -530,11 +533,7 @@ void row_stats(const float* l, int64_t n, int32_t* top, float* lse) {
     *lse = m;
     return;
   }
-  vf sum = {};
-  for (i = 0; i + kLanes <= n; i += kLanes) sum += exp16(load(l + i) - m);
-  float total = hsum(sum);
-  for (; i < n; ++i) total += std::exp(l[i] - m);
-  *lse = m + std::log(total);
+  *lse = m + std::log(exp_shifted(l, m, nullptr, n));
 }
 
 // A decode step's output: logits = rms_norm(x) . w (packed), and each row's argmax and
