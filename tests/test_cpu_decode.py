@@ -50,6 +50,21 @@ def test_packed_matmul_equals_a_float64_product(m, k, n, dtype):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("m,k,n", [(8, 256, 96), (3, 37, 70), (17, 40, 130), (1, 1, 5)])
+def test_bfloat16_products_equal_a_float64_product_of_the_rounded_values(m, k, n):
+    """A kernel packed for bfloat16 products (pairs of rows, odd K padded): x and w rounded to
+    bfloat16, each product exact and summed in float32. Without the rounding of x the error
+    would be ~1e-3, a hundred times the tolerance."""
+    rng = np.random.default_rng(m * k + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    packed = cpu_decode.pack(jnp.asarray(w), bf16_products=True)
+    assert packed.dtype == jnp.uint32 and packed.shape == (-(-n // 32), -(-k // 2), 32)
+    got = jax.jit(cpu_decode.matmul, static_argnums=2)(x, packed, n)
+    rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w)]
+    np.testing.assert_allclose(got, rounded[0] @ rounded[1], rtol=1e-5, atol=1e-5)
+
+
 def test_head_gives_logits_argmax_and_logsumexp():
     """The output projection after the final norm, and each row's first argmax (ties, a NaN
     row) and log-sum-exp, against numpy in float64; a vocabulary that is no multiple of 16."""
@@ -77,25 +92,45 @@ def test_a_mismatched_operand_is_refused_by_name():
         jax.block_until_ready(cpu_decode.head(x, jnp.ones(7), w, 40, eps=1e-5))
 
 
+BF16_MODELS = ("bfloat16-model", "bfloat16-model-wide-heads")
+
+
 @pytest.mark.parametrize("case", [*HF_CASES, "odd-sizes", "bfloat16-weights", "wide-heads",
-                                  "threaded"])
+                                  "threaded", *BF16_MODELS])
 def test_fused_decode_steps_equal_the_flax_decoder(case):
     """bfloat16 weights with float32 activations: the Flax layers widen them, the kernels read
     them as bfloat16 (half the bytes) and widen them as they load; the same float32 math.
     Enough steps that the attention's blocks of 16 keys run and the sliding window slides;
-    "threaded" is big enough that every stage shares its work out to the pool's threads."""
-    if case in ("odd-sizes", "bfloat16-weights", "wide-heads", "threaded"):
-        cfg = {"wide-heads": WIDE_HEADS, "threaded": THREADED}.get(case, ODD)
+    "threaded" is big enough that every stage shares its work out to the pool's threads.
+    A bfloat16 model (compute_dtype) gets bfloat16 products and a bfloat16 KV cache; the
+    kernels keep the rest of a step in float32, so they agree with its Flax layers to
+    bfloat16's precision, not float32's (checked in `close`)."""
+    bf16_model = case in BF16_MODELS
+    if case in ("odd-sizes", "bfloat16-weights", "wide-heads", "threaded", *BF16_MODELS):
+        cfg = {"wide-heads": WIDE_HEADS, "threaded": THREADED,
+               "bfloat16-model-wide-heads": WIDE_HEADS}.get(case, ODD)
         params = models.init(cfg, jax.random.key(0))
-        if case == "bfloat16-weights":
+        if case in ("bfloat16-weights", *BF16_MODELS):
             cfg = cfg.replace(param_dtype="bfloat16")
             params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+        if bf16_model:
+            cfg = cfg.replace(compute_dtype="bfloat16")
     else:
         _, cfg, params = hf_model(case)
         params = jax.tree.map(jnp.asarray, params)
     layers = models.unstack_layers(params)
     fused = models.fused_decode_weights(params, layers, cfg)
-    assert fused is not None and fused["head"].dtype == jnp.dtype(cfg.param_dtype)
+    assert fused is not None
+    assert fused["head"].dtype == (jnp.uint32 if bf16_model else jnp.dtype(cfg.param_dtype))
+
+    def close(got, want, tol=1e-5):
+        """Equal to float32's precision; for a bfloat16 model within 3% of the values' spread
+        (its Flax layers round every activation to bfloat16: measured 1-1.5%)."""
+        got, want = (np.asarray(jnp.asarray(a, jnp.float32)) for a in (got, want))
+        if bf16_model:
+            assert np.abs(got - want).max() <= 0.03 * want.std(), np.abs(got - want).max()
+        else:
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
     lengths, steps = ((137,) * 7 + (120,), 3) if case == "threaded" else ((5, 9, 3), 10)
     width = max(lengths)
     tokens, seg, pos = sampler.pad_prompts(
@@ -107,10 +142,9 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
     # its own keys only, is the same.
     packed, packed_cache = step(params, fused["layers"], tokens, cfg, positions=pos,
                                 segment_ids=seg, cache=empty, prefill=True)
-    np.testing.assert_allclose(packed, logits, rtol=1e-5, atol=1e-5)
+    close(packed, logits)
     for name in ("k", "v"):
-        np.testing.assert_allclose(np.stack(packed_cache[name]), np.stack(cache[name]),
-                                   rtol=1e-5, atol=1e-5)
+        close(np.stack(packed_cache[name]), np.stack(cache[name]))
     ours, ref = cache, cache
     for i in range(steps):
         tok = jnp.argmax(logits, -1)[:, None]
@@ -118,11 +152,12 @@ def test_fused_decode_steps_equal_the_flax_decoder(case):
         logits, ref = step(params, layers, tok, cfg, cache=ref, **at)
         got, (argmax, lse), ours = step(params, layers, tok, cfg, cache=ours, fused=fused,
                                         stats=True, **at)
-        np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))  # the kernel's head
-        np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, -1), rtol=1e-5)
+        close(got, logits)
+        assert got.dtype == jnp.float32 and ours["k"][0].dtype == cache["k"][0].dtype
+        np.testing.assert_array_equal(argmax, jnp.argmax(got if bf16_model else logits, -1))
+        np.testing.assert_allclose(lse, jax.nn.logsumexp(got, -1), rtol=1e-5)
     for name in ("k", "v"):
-        np.testing.assert_allclose(np.stack(ours[name]), np.stack(ref[name]), rtol=1e-5, atol=1e-5)
+        close(np.stack(ours[name]), np.stack(ref[name]))
     assert int(ours["index"]) == width + steps
 
 
@@ -138,8 +173,25 @@ def test_generate_samples_the_same_with_and_without_the_kernels(monkeypatch):
     np.testing.assert_allclose(fast["logprobs"], plain["logprobs"], atol=1e-5)
 
 
+def test_a_bfloat16_model_samples_through_the_kernels(monkeypatch):
+    """generate() on a bfloat16 model: its cache stays bfloat16 through the fused steps. The
+    first token comes from the prefill, where the packed bfloat16 products equal XLA's; later
+    ones may part where bfloat16 rounds two near-equal logits differently."""
+    cfg = ODD.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), models.init(ODD, jax.random.key(0)))
+    prompts = [[5, 7, 9], [3] * 8, [11, 2]]
+    fast = sampler.generate(params, cfg, prompts, max_new_tokens=6)
+    assert sampler._FUSED and sampler._FUSED[0][2]["head"].dtype == jnp.uint32
+    monkeypatch.setattr(sampler, "_fused_for", lambda params, cfg: None)
+    plain = sampler.generate(params, cfg, prompts, max_new_tokens=6)
+    np.testing.assert_array_equal(fast["tokens"][:, 0], plain["tokens"][:, 0])
+    np.testing.assert_allclose(fast["logprobs"][:, 0], plain["logprobs"][:, 0], atol=2e-2)
+    assert fast["tokens"].shape == (3, 6) and (fast["lengths"] == 6).all()
+    assert ((0 <= fast["tokens"]) & (fast["tokens"] < cfg.vocab_size)).all()
+
+
 def test_the_kernels_step_aside_where_they_do_not_apply():
-    """int8 or LoRA-adapted projections, bfloat16 activations and a mesh keep the XLA path."""
+    """int8 or LoRA-adapted projections and a mesh keep the XLA path."""
     from jaxllm import lora
     from jaxllm.config import LoraConfig
     cfg = ODD
@@ -147,8 +199,8 @@ def test_the_kernels_step_aside_where_they_do_not_apply():
     lcfg = LoraConfig(rank=2, alpha=4.0, targets=("o_proj",))
     int8 = lora.attach(lora.quantize(params, "int8"), {}, lcfg)
     adapted = lora.attach(params, lora.init(lora.abstract(params, lcfg), jax.random.key(1)), lcfg)
-    for p, c in ((int8, cfg), (adapted, cfg), (params, cfg.replace(compute_dtype="bfloat16"))):
-        assert models.fused_decode_weights(p, models.unstack_layers(p), c) is None
+    for p in (int8, adapted):
+        assert models.fused_decode_weights(p, models.unstack_layers(p), cfg) is None
     mesh = sharding.make_mesh(sharding.with_sizes(MeshConfig(), data=8))
     with sharding.use(mesh, ShardingRules()):
         assert models.fused_decode_weights(params, models.unstack_layers(params), cfg) is None

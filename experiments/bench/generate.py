@@ -5,10 +5,14 @@ imported through our converter), greedy; then what bounds the decode loop, measu
     python experiments/bench/generate.py [--batch 8] [--prompt 64] [--new 128] [--reps 5]
         [--preset bench-7m] [--checkpoint-dtype float32|bfloat16]
 
-With --checkpoint-dtype bfloat16 the checkpoint is saved in bfloat16, as published ones are.
-jaxllm keeps those weights in bfloat16 (half the bytes to read) and computes in float32;
-transformers loads them into float32 (the same values, the same float32 math: its greedy
-tokens must equal ours) and, in one more row, runs them in bfloat16.
+With --checkpoint-dtype bfloat16 the checkpoint is saved in bfloat16, as published ones are,
+and each side runs it twice:
+- in float32 math: jaxllm keeps the weights in bfloat16 (half the bytes to read) and computes
+  in float32; transformers loads them into float32 (the same values, the same math: its greedy
+  tokens must equal ours);
+- as a bfloat16 model (compute_dtype bfloat16, torch_dtype bfloat16): bfloat16 products summed
+  in float32 on both sides; jaxllm keeps its KV cache, like HF, in bfloat16, and its norms,
+  attention and residual stream in float32 within a decode step.
 """
 from __future__ import annotations
 
@@ -54,10 +58,11 @@ def main():
         model = transformers.LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
         model_bf16 = (transformers.LlamaForCausalLM.from_pretrained(
             d, torch_dtype=torch.bfloat16).eval() if bf16 else None)
+    cfg_bf16 = cfg.replace(compute_dtype="bfloat16")
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.prompt))
     new_tokens = args.batch * args.new
 
-    def ours():
+    def ours(cfg=cfg):
         return generate(params, cfg, prompts.tolist(), max_new_tokens=args.new)["tokens"]
 
     def xla_only():  # the same sampler with the fused CPU kernels turned off
@@ -73,6 +78,7 @@ def main():
     prefill = lambda: generate(params, cfg, prompts.tolist(), max_new_tokens=1)["tokens"]  # noqa: E731
     runs = {"ours": ours, "xla": xla_only, "theirs": theirs, "prefill": prefill}
     if bf16:
+        runs["ours_bf16"] = lambda: ours(cfg_bf16)
         runs["theirs_bf16"] = lambda: theirs(model_bf16)
     timings = {name: [] for name in runs}
     outs = {}
@@ -89,20 +95,30 @@ def main():
     print(f"\n{args.preset} ({models.count_params(cfg)['total']:,} params), {args.checkpoint_dtype} "
           f"checkpoint, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, greedy; "
           f"{jax.devices()[0].platform}, best of {args.reps} interleaved rounds")
-    print(f"| {'implementation':<68} | {'seconds':>8} | {'new tokens/s':>12} | {'speed-up':>8} |")
-    print(f"|{'-' * 70}|{'-' * 10}|{'-' * 14}|{'-' * 10}|")
     fused = "fused CPU kernels" if cpu_decode.available() else "kernels UNAVAILABLE, XLA ops"
     held = f"{args.checkpoint_dtype} weights, float32 math"
     rows = [(f"jaxllm generate ({fused}; {held})", a_t),
             (f"jaxllm generate (XLA ops only; {held})", best["xla"]),
             (f"HF transformers generate (torch {torch.__version__}; float32)", b_t)]
+    ratios = {"vs HF float32": b_t}
     if bf16:
-        rows.append(("HF transformers generate (bfloat16 weights and math)", best["theirs_bf16"]))
+        rows[1:1] = [(f"jaxllm generate ({fused}; bfloat16 model)", best["ours_bf16"])]
+        rows.append(("HF transformers generate (bfloat16 model)", best["theirs_bf16"]))
+        ratios["vs HF bfloat16"] = best["theirs_bf16"]
+    print(f"| {'implementation':<68} | {'seconds':>8} | {'new tokens/s':>12} | "
+          + " | ".join(f"{r:>14}" for r in ratios) + " |")
+    print(f"|{'-' * 70}|{'-' * 10}|{'-' * 14}|" + "|".join("-" * 16 for _ in ratios) + "|")
     for name, t in rows:
-        print(f"| {name:<68} | {t:8.3f} | {new_tokens / t:12,.0f} | {b_t / t:7.2f}x |")
+        print(f"| {name:<68} | {t:8.3f} | {new_tokens / t:12,.0f} | "
+              + " | ".join(f"{ref / t:13.2f}x" for ref in ratios.values()) + " |")
     roofline(cfg, params, args, a_t, b_t, best["prefill"])
     print(f"greedy tokens identical to HF in float32: {100 * same:.1f}% (XLA ops only: "
           f"{100 * same_xla:.1f}%)")
+    if bf16:
+        same_bf16 = float((outs["ours_bf16"] == outs["theirs_bf16"]).mean())
+        print(f"bfloat16 models' greedy tokens, jaxllm's equal to HF's: {100 * same_bf16:.1f}% "
+              f"(bfloat16 rounds differently in each; HF float32 vs HF bfloat16: "
+              f"{100 * float((outs['theirs'] == outs['theirs_bf16']).mean()):.1f}%)")
 
 
 def _positive(text: str) -> int:

@@ -1,7 +1,6 @@
 """Decoding with a KV cache: the per-layer weights and cache a sampler's loop uses, and one
-decode step. On XLA:CPU with float32 activations (and float32 or bfloat16 weights) a one-token
-step can run as one fused kernel call per layer (jaxllm.kernels.cpu_decode);
-fused_decode_weights says whether it applies."""
+decode step. On XLA:CPU a one-token step can run as one fused kernel call per layer
+(jaxllm.kernels.cpu_decode); fused_decode_weights says whether it applies."""
 from __future__ import annotations
 
 import jax
@@ -58,7 +57,7 @@ def decode_step(params, layers: list, tokens, cfg: ModelConfig, *, positions, se
     the last position only, bench-7m's prefill went 27 -> 19 ms."""
     if "soft_prompt" in params:
         raise NotImplementedError("a soft prompt with a KV cache: prefill it as tokens")
-    if fused is not None and tokens.shape[1] == 1 and cache["k"][0].dtype == jnp.float32:
+    if fused is not None and tokens.shape[1] == 1 and cache["k"][0].dtype in _CACHE_DTYPES:
         logits, row_stats, cache = _fused_step(params, fused, tokens, cfg, positions,
                                                segment_ids, cache)
         return (logits, row_stats, cache) if stats else (logits, cache)
@@ -94,20 +93,28 @@ def logit_stats(logits):
     return jnp.minimum(first, v - 1), jax.nn.logsumexp(logits, axis=-1)
 
 
+_CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the fused layer's
+
+
 def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
     """Weights for the fused CPU kernels (jaxllm.kernels.cpu_decode): `layers` (unstack_layers)
     with each projection's kernel packed ("kernel_packed", which the Flax layers also read, so
     a prefill multiplies with the same kernel), the norms and biases as float32, and the final
-    norm and packed output projection. Kernels keep their dtype, float32 or bfloat16 (half the
-    bytes to stream; widened exactly, the math float32's). None where they do not apply: not on
-    CPU, on a mesh, activations not float32, weights neither float32 nor bfloat16, projections
-    that are not one plain kernel each (int8, LoRA adapters), or no compiler. They are a second
-    copy of the weights; generate() makes them once per set of params."""
+    norm and packed output projection.
+    - A float32 model's kernels keep their dtype, float32 or bfloat16 (half the bytes to
+      stream; widened exactly, the math float32's).
+    - A bfloat16 model's (compute_dtype) are packed for bfloat16 products, as its Flax layers
+      compute them: activations rounded to bfloat16, products summed in float32 (twice the
+      multiply-adds per instruction where the CPU has AVX512-BF16). Norms, attention and the
+      residual stream stay float32 within a step, finer than the Flax layers' bfloat16.
+    None where they do not apply: not on CPU, on a mesh, weights neither float32 nor bfloat16,
+    projections that are not one plain kernel each (int8, LoRA adapters), or no compiler. They
+    are a second copy of the weights; generate() makes them once per set of params."""
     from jaxllm.kernels import cpu_decode
     mesh, _ = sharding.current()
     f32 = jnp.dtype(jnp.float32)
     if (jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1)
-            or "soft_prompt" in params or jnp.dtype(cfg.compute_dtype) != f32
+            or "soft_prompt" in params
             or any(leaf.dtype not in (f32, jnp.bfloat16) for leaf in jax.tree.leaves(params))
             or ("lm_head" in params and set(params["lm_head"]) != {"kernel"})
             or not cpu_decode.available()):
@@ -116,16 +123,18 @@ def fused_decode_weights(params, layers: list, cfg: ModelConfig) -> dict | None:
            for layer in layers for m, parts in _PLAIN.items() for p, names in parts.items()):
         return None
 
+    bf16_products = jnp.dtype(cfg.compute_dtype) == jnp.bfloat16
+
     def packed(projection: dict) -> dict:  # the kernel packed, a bias in float32
         rest = {k: v.astype(f32) for k, v in projection.items() if k != "kernel"}
-        return {"kernel_packed": cpu_decode.pack(projection["kernel"]), **rest}
+        return {"kernel_packed": cpu_decode.pack(projection["kernel"], bf16_products), **rest}
     layers = [{k: {p: packed(v[p]) for p in _PLAIN[k]} if k in _PLAIN  # the rest: norms
                else jax.tree.map(lambda a: a.astype(f32), v) for k, v in layer.items()}
               for layer in layers]
     head = (params["embed_tokens"]["embedding"].T if cfg.tie_embeddings
             else params["lm_head"]["kernel"])
     return {"layers": layers, "norm": params["norm"]["scale"].astype(f32),
-            "head": cpu_decode.pack(head)}
+            "head": cpu_decode.pack(head, bf16_products)}
 
 
 # The projections the fused layer kernel takes, and the params each may hold.
@@ -140,7 +149,7 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
     from jaxllm.kernels import cpu_decode
     top = {k: v for k, v in params.items() if k != "layers"}
     decoder = Decoder(cfg)
-    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)[:, 0]
+    x = decoder.apply({"params": top}, tokens, method=Decoder.embed)[:, 0].astype(jnp.float32)
     start = cache["index"]
     seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, 1)
     b, s = seg.shape
@@ -158,7 +167,8 @@ def _fused_step(params, fused: dict, tokens, cfg: ModelConfig, positions, segmen
                    layer["post_attention_layernorm"]["scale"],
                    mlp["gate_up_proj"]["kernel_packed"], mlp["down_proj"]["kernel_packed"])
         x, k, v = cpu_decode.layer(x, weights, k, v, cos, sin, mask, start, heads=cfg.num_heads,
-                                   kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps)
+                                   kv_heads=cfg.num_kv_heads, mlp=cfg.intermediate_size,
+                                   eps=cfg.rms_norm_eps)
         ks.append(k)
         vs.append(v)
     logits, argmax, lse = cpu_decode.head(x, fused["norm"], fused["head"], cfg.vocab_size,

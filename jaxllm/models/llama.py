@@ -132,7 +132,7 @@ class _TokenDense(nn.Dense):
                                   self.get_variable("params", "kernel_packed"), self.features)
             if self.use_bias:
                 y = y + self.get_variable("params", "bias")
-            return y.reshape(*lead, self.features)
+            return y.astype(self.dtype or y.dtype).reshape(*lead, self.features)
         quantized, adapted = (self.has_variable("params", n) for n in ("kernel_scale", "lora_a"))
         if not (quantized or adapted):
             return super().__call__(x).reshape(*lead, self.features)

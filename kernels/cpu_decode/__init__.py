@@ -1,6 +1,7 @@
 """Fused one-token decode steps for XLA:CPU: a whole decoder layer per call (cpu_decode.cc),
 and the output head with each row's argmax and log-sum-exp, over weights packed once per set
-of params (float32, or bfloat16 widened exactly as it is read).
+of params: float32, or bfloat16 widened exactly as it is read (float32 products), or, for a
+model that computes in bfloat16, bfloat16 pairs for bfloat16 products (summed in float32).
 
 The C++ source is compiled on first use with the system's C++ compiler (g++, or $CXX) for
 this CPU (-march=native) and cached under $JAXLLM_CACHE_DIR (default ~/.cache/jaxllm), keyed
@@ -90,13 +91,22 @@ def _load() -> bool:
     return True
 
 
-def pack(w: jax.Array) -> jax.Array:
+def pack(w: jax.Array, bf16_products: bool = False) -> jax.Array:
     """A [K, N] kernel as panels of PANEL columns, [ceil(N/PANEL), K, PANEL], the last one
     zero-padded: the layout the kernels read front to back. bfloat16 stays bfloat16 (half the
     bytes; the kernels widen it exactly), each panel row ordered c0, c16, c1, c17, ..., c15,
-    c31 so that one 32-bit lane holds a column of each half; anything else becomes float32."""
+    c31 so that one 32-bit lane holds a column of each half; anything else becomes float32.
+
+    With bf16_products, the kernel is rounded to bfloat16 and its rows paired for products
+    of bfloat16 activations (what a bfloat16 model computes; AVX512-BF16 does two per lane):
+    [ceil(N/PANEL), ceil(K/2), PANEL] uint32, the low half of each holding row 2i, the high
+    half row 2i + 1 (zero past K)."""
     k, n = w.shape
     panels = -(-n // PANEL)
+    if bf16_products:
+        w = jnp.pad(w.astype(jnp.bfloat16), ((0, k % 2), (0, panels * PANEL - n)))
+        w = w.reshape(-1, 2, panels, PANEL).transpose(2, 0, 3, 1)  # [panels, K/2, PANEL, 2]
+        return jax.lax.bitcast_convert_type(w, jnp.uint32)
     bf16 = w.dtype == jnp.bfloat16
     w = jnp.pad(w.astype(jnp.bfloat16 if bf16 else jnp.float32), ((0, 0), (0, panels * PANEL - n)))
     w = w.reshape(k, panels, PANEL).transpose(1, 0, 2)
@@ -112,7 +122,8 @@ def _registered():
 
 
 def matmul(x: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
-    """x [M, K] float32 times a packed [K, n] kernel -> [M, n] float32."""
+    """x [M, K] float32 times a packed [K, n] kernel -> [M, n] float32 (x rounded to bfloat16
+    first for a kernel packed for bfloat16 products)."""
     _registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call("jaxllm_packed_matmul", out)(x, w_packed)
@@ -129,18 +140,19 @@ def head(x: jax.Array, scale: jax.Array, w_packed: jax.Array, n: int, *, eps: fl
 
 
 def layer(x, weights, k_cache, v_cache, cos, sin, mask, start, *, heads: int, kv_heads: int,
-          eps: float):
+          mlp: int, eps: float):
     """One decoder layer for one new token per row -> (x, k_cache, v_cache), the caches
     updated in place at `start`.
 
     x [B, D]; weights = (input norm scale, packed q|k|v, q|k|v bias, packed o, post-attention
-    norm scale, packed gate|up, packed down), the norms and bias float32, the packed kernels
-    float32 or bfloat16; caches [B, KV, S, hd]; cos/sin [B, hd/2] of each
-    row's position; mask [B, S] (which cache slots each row attends to)."""
+    norm scale, packed gate|up, packed down; `mlp` the MLP's width), the norms and bias float32, the kernels packed
+    alike (pack); caches [B, KV, S, hd], both float32 or both bfloat16; cos/sin [B, hd/2] of
+    each row's position; mask [B, S] (which cache slots each row attends to)."""
     _registered()
     out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-           jax.ShapeDtypeStruct(k_cache.shape, jnp.float32),
-           jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
+           jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+           jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
     call = jax.ffi.ffi_call("jaxllm_decode_layer", out, input_output_aliases={8: 1, 9: 2})
     return call(x, *weights, k_cache, v_cache, cos, sin, mask, jnp.asarray(start, jnp.int32),
-                heads=np.int64(heads), kv_heads=np.int64(kv_heads), eps=np.float32(eps))
+                heads=np.int64(heads), kv_heads=np.int64(kv_heads), mlp=np.int64(mlp),
+                eps=np.float32(eps))

@@ -12,6 +12,11 @@
 // Weights come packed in panels of 32 columns, [ceil(N/32), K, 32] (cpu_decode.pack), float32
 // or bfloat16, so a product reads each matrix front to back once, every weight multiplied into
 // all B rows while the B x 32 outputs of its panel stay in registers over the whole K loop.
+// A model that computes in bfloat16 gets bfloat16 products: its kernels are packed as pairs of
+// consecutive rows, [ceil(N/32), ceil(K/2), 32] uint32, the activations rounded to bfloat16 as
+// they enter a product, each pair of products summed into float32 (AVX512-BF16's dot product,
+// twice the multiply-adds per instruction of float32's FMA). The KV cache is float32 or
+// bfloat16; attention and everything else run in float32.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -22,6 +27,10 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -38,26 +47,79 @@ constexpr int kRows = 8;  // 8 rows x 2 vectors of outputs: 16 of the 32 zmm reg
 constexpr int kRows = 4;  // 4 rows x 2 x 2 ymm: half of AVX2's 16 registers
 #endif
 
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t bf16;
+
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf as_float(vu u) { vf v; std::memcpy(&v, &u, sizeof v); return v; }
+inline vf load(const bf16* p) {  // 16 bfloat16 values, widened exactly
+  typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return as_float(__builtin_convertvector(h, vu) << 16);
+}
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) {
+  const uint32_t u = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// out[i] = in[i] as the cache's (or a bfloat16 product's) type, i < n: bfloat16 rounded to
+// nearest even, as jnp's astype does (a NaN stays a NaN).
+inline void narrow(const float* in, float* out, int64_t n) { std::memcpy(out, in, n * sizeof(float)); }
+inline void narrow(const float* in, bf16* out, int64_t n) {
+  typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+  auto round16 = [](vu u) {
+    const vu nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return __builtin_convertvector(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16,
+                                   vh);
+  };
+  int64_t i = 0;
+  vu u;
+  for (; i + kLanes <= n; i += kLanes) {
+    std::memcpy(&u, in + i, sizeof u);
+    const vh h = round16(u);
+    std::memcpy(out + i, &h, sizeof h);
+  }
+  if (i < n) {  // the last n - i, through a zero-padded vector
+    u = vu{};
+    std::memcpy(&u, in + i, (n - i) * sizeof(float));
+    const vh h = round16(u);
+    std::memcpy(out + i, &h, (n - i) * sizeof(bf16));
+  }
+}
 
 // Packed weights are float32 or bfloat16; bfloat16 is a float32's upper 16 bits, so it widens
 // exactly as it is loaded, and the products are float32's: half the bytes to stream. A
 // bfloat16 panel row stores column j beside column 16 + j (cpu_decode.pack), so one 32-bit
 // lane holds both and a shift and a mask widen them, no shuffles (those cost 20% of the FMAs'
 // throughput here).
-typedef uint16_t bf16;
 static_assert(kVecs == 2, "a bfloat16 panel row is one vector of 32-bit pairs");
 inline void load_panel_row(const float* w, vf out[kVecs]) {
   for (int j = 0; j < kVecs; ++j) out[j] = load(w + kLanes * j);
 }
 inline void load_panel_row(const bf16* w, vf out[kVecs]) {
-  typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
   vu pairs;
   std::memcpy(&pairs, w, sizeof pairs);
-  const vu low = pairs << 16, high = pairs & 0xFFFF0000u;
-  std::memcpy(&out[0], &low, sizeof low);
-  std::memcpy(&out[1], &high, sizeof high);
+  out[0] = as_float(pairs << 16);
+  out[1] = as_float(pairs & 0xFFFF0000u);
+}
+
+// A kernel for bfloat16 products holds, in lane c of a uint32 panel row, column c's weights in
+// rows 2i (low half) and 2i + 1; x is read the same way, as pairs of bfloat16. Returns
+// acc + x_hi * w_hi + x_lo * w_lo per lane, each product exact and each sum rounded to float32
+// (the order and rounding of AVX512-BF16's vdpbf16ps, used where the CPU has it).
+typedef uint32_t pair_t __attribute__((may_alias));  // read from bfloat16 scratch
+inline vf dot_pairs(vf acc, pair_t x, vu w) {
+#ifdef __AVX512BF16__
+  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(x), (__m512bh)w);
+#else
+  const float lo = widen(static_cast<bf16>(x)), hi = widen(static_cast<bf16>(x >> 16));
+  acc += hi * as_float(w & 0xFFFF0000u);
+  return acc + lo * as_float(w << 16);
+#endif
 }
 
 // e^x, 16 lanes at a time: within a few ulp for x in [-87, 88], 0 below, +inf above
@@ -91,12 +153,13 @@ inline float hsum(vf v) {  // a tree of half-width adds
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-float dot(const float* a, const float* b, int64_t n) {
+template <typename T>  // float, or bfloat16 (a KV cache's) widened
+float dot(const float* a, const T* b, int64_t n) {
   vf acc = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
   float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
@@ -148,7 +211,8 @@ inline vf hsum16(vf v[16]) {
 }
 
 // q . keys[k] for the 16 keys [16, n] (n a multiple of kLanes), one lane each.
-inline vf dot16(const float* q, const float* keys, int64_t n) {
+template <typename T>
+inline vf dot16(const float* q, const T* keys, int64_t n) {
   vf partial[16];
   for (int k = 0; k < 16; ++k, keys += n) {
     vf acc = load(q) * load(keys);
@@ -187,8 +251,8 @@ float scale_and_mask(float* l, const bool* ok, float scale, int64_t n) {
 // out[g][i : i + V * 16] = sum over t < s of p[g][t] * rows[t, i : i + V * 16], g < G: each
 // strip of a row, once loaded, is multiplied into all G heads' sums, which sit in registers
 // (two sets, over even and odd t, to halve the chains of dependent adds).
-template <int G, int V>
-void weighted_strips(const float* const* p, const float* rows, float* const* out, int64_t s,
+template <int G, int V, typename T>
+void weighted_strips(const float* const* p, const T* rows, float* const* out, int64_t s,
                      int64_t n, int64_t i) {
   vf even[G][V] = {}, odd[G][V] = {};
   auto add = [&](vf(&acc)[G][V], int64_t t) {
@@ -205,8 +269,8 @@ void weighted_strips(const float* const* p, const float* rows, float* const* out
 }
 
 // out[g][0:n] = sum over t < s of p[g][t] * rows[t, 0:n], g < G, 32 columns at a time.
-template <int G>
-void weighted_heads(const float* const* p, const float* rows, float* const* out, int64_t s,
+template <int G, typename T>
+void weighted_heads(const float* const* p, const T* rows, float* const* out, int64_t s,
                     int64_t n) {
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) weighted_strips<G, 2>(p, rows, out, s, n, i);
@@ -215,7 +279,7 @@ void weighted_heads(const float* const* p, const float* rows, float* const* out,
     for (int g = 0; g < G; ++g) {
       float sum = 0;
       for (int64_t t = 0; t < s; ++t)
-        if (p[g][t] != 0) sum += p[g][t] * rows[t * n + i];
+        if (p[g][t] != 0) sum += p[g][t] * widen(rows[t * n + i]);
       out[g][i] = sum;
     }
 }
@@ -223,7 +287,8 @@ void weighted_heads(const float* const* p, const float* rows, float* const* out,
 // out[g, 0:n] = sum over t < s of p[g, t] * rows[t, 0:n] for g < group (p [group, ps], rows
 // [s, n], out [group, n]), two heads at a time; p is 0 for the masked rows, whose products
 // add nothing.
-void weighted_rows(const float* p, int64_t ps, const float* rows, float* out, int64_t group,
+template <typename T>
+void weighted_rows(const float* p, int64_t ps, const T* rows, float* out, int64_t group,
                    int64_t s, int64_t n) {
   int64_t g = 0;
   for (; g + 2 <= group; g += 2) {
@@ -279,29 +344,41 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t work, Fn fn) {
 // prefetcher kept a thread's stream at 18 GB/s, with this at 25 (the FMAs' pace), and a
 // decode step ~15% faster. The panels are contiguous, so the reads run ahead into the next.
 constexpr int64_t kPrefetchBytes = 4096;
-inline void prefetch(const float* w) {  // one panel row: two cache lines
-  __builtin_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes);
-  __builtin_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64);
-}
-inline void prefetch(const bf16* w) {  // one cache line
-  __builtin_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes);
+template <typename W>
+inline void prefetch(const W* w) {  // one panel row: one (bfloat16) or two cache lines
+  for (size_t line = 0; line < sizeof(W) * kPanel / 64; ++line)
+    __builtin_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64 * line);
 }
 
-// y[r0:r0+R, panel's columns] = x[r0:r0+R] . w (packed), for y [m, n].
+// One panel row's products: acc[r] += x[r * k] * w for R rows of x, float32 or bfloat16
+// weights (widened) times float32 x, or bfloat16 pairs times bfloat16 pairs.
 template <int R, typename W>
-void tile(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t r0,
-          int64_t panel) {
+inline void multiply_row(vf (&acc)[R][kVecs], const float* x, int64_t k, const W* w) {
+  vf wv[kVecs];
+  load_panel_row(w, wv);
+  for (int r = 0; r < R; ++r) {
+    const float xr = x[r * k];
+    for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
+  }
+}
+template <int R>
+inline void multiply_row(vf (&acc)[R][kVecs], const pair_t* x, int64_t k, const uint32_t* w) {
+  vu wv[kVecs];
+  for (int j = 0; j < kVecs; ++j) std::memcpy(&wv[j], w + kLanes * j, sizeof(vu));
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = dot_pairs(acc[r][j], x[r * k], wv[j]);
+}
+
+// y[r0:r0+R, panel's columns] = x[r0:r0+R] . w (packed), for y [m, n]; k counts pairs of rows
+// for a bfloat16 product.
+template <int R, typename X, typename W>
+void tile(const X* x, const W* w, float* y, int64_t k, int64_t n, int64_t r0, int64_t panel) {
   vf acc[R][kVecs] = {};
   x += r0 * k;
   w += panel * k * kPanel;
   for (int64_t i = 0; i < k; ++i, w += kPanel) {
-    vf wv[kVecs];
     prefetch(w);
-    load_panel_row(w, wv);
-    for (int r = 0; r < R; ++r) {
-      const float xr = x[r * k + i];
-      for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
-    }
+    multiply_row<R>(acc, x + i, k, w);
   }
   const int64_t c0 = panel * kPanel, cols = std::min(kPanel, n - c0);
   for (int r = 0; r < R; ++r) {
@@ -311,15 +388,15 @@ void tile(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t r0
   }
 }
 
-template <int R, typename W>
-void tiles(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t r0,
+template <int R, typename X, typename W>
+void tiles(const X* x, const W* w, float* y, int64_t k, int64_t n, int64_t r0,
            int64_t first, int64_t last) {
   for (int64_t p = first; p < last; ++p) tile<R>(x, w, y, k, n, r0, p);
 }
 
 // Panels [first, last) of y [m, n] = x [m, k] . w [ceil(n/32), k, 32].
-template <typename W>
-void panels(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n,
+template <typename X, typename W>
+void panels(const X* x, const W* w, float* y, int64_t m, int64_t k, int64_t n,
             int64_t first, int64_t last) {
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     switch (std::min<int64_t>(m - r0, kRows)) {
@@ -337,32 +414,52 @@ void panels(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t 
   }
 }
 
-// A packed kernel operand, float32 or bfloat16.
+// A packed kernel operand: float32 or bfloat16 weights for float32 products, or uint32 pairs
+// of bfloat16 rows for bfloat16 products.
 struct Packed {
   const void* data;
-  bool bf16;
+  ffi::DataType type;
 };
+
+// x [m, k] rounded to bfloat16 as rows of ceil(k/2) pairs (an odd k's last one padded with 0),
+// in this thread's scratch: a bfloat16 product's left operand.
+const pair_t* bf16_pairs(const float* x, int64_t m, int64_t k) {
+  thread_local std::vector<bf16> pairs;
+  const int64_t row = (k + 1) / 2 * 2;
+  if (static_cast<int64_t>(pairs.size()) < m * row) pairs.resize(m * row);
+  for (int64_t r = 0; r < m; ++r) {
+    narrow(x + r * k, pairs.data() + r * row, k);
+    if (k < row) pairs[r * row + k] = 0;
+  }
+  return reinterpret_cast<const pair_t*>(pairs.data());
+}
 
 void matmul(ffi::ThreadPool& pool, const float* x, Packed w, float* y, int64_t m, int64_t k,
             int64_t n) {
   const int64_t total = (n + kPanel - 1) / kPanel;
   const int64_t chunks = std::min<int64_t>(total, 4 * std::max<int64_t>(pool.num_threads(), 1));
+  const pair_t* xp = w.type == ffi::DataType::U32 ? bf16_pairs(x, m, k) : nullptr;
   parallel_for(pool, chunks, m * k * n, [=](int64_t c) {
     const int64_t first = c * total / chunks, last = (c + 1) * total / chunks;
-    if (w.bf16)
+    if (xp)
+      panels(xp, static_cast<const uint32_t*>(w.data), y, m, (k + 1) / 2, n, first, last);
+    else if (w.type == ffi::DataType::BF16)
       panels(x, static_cast<const bf16*>(w.data), y, m, k, n, first, last);
     else
       panels(x, static_cast<const float*>(w.data), y, m, k, n, first, last);
   });
 }
 
-// Whether w is a [k, n] kernel packed as [ceil(n/32), k, 32] float32 or bfloat16; sets *out.
+// Whether w is a [k, n] kernel packed as [ceil(n/32), k, 32] float32 or bfloat16, or for
+// bfloat16 products as [ceil(n/32), ceil(k/2), 32] uint32; sets *out.
 bool packed(const ffi::AnyBuffer& w, int64_t k, int64_t n, Packed* out) {
   const auto d = w.dimensions();
   const auto type = w.element_type();
-  *out = {w.untyped_data(), type == ffi::DataType::BF16};
-  return (type == ffi::DataType::F32 || type == ffi::DataType::BF16) && d.size() == 3 &&
-         d[1] == k && d[2] == kPanel && d[0] == (n + kPanel - 1) / kPanel;
+  *out = {w.untyped_data(), type};
+  const int64_t rows = type == ffi::DataType::U32 ? (k + 1) / 2 : k;
+  return (type == ffi::DataType::F32 || type == ffi::DataType::BF16 ||
+          type == ffi::DataType::U32) &&
+         d.size() == 3 && d[1] == rows && d[2] == kPanel && d[0] == (n + kPanel - 1) / kPanel;
 }
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
@@ -371,7 +468,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   Packed wp;
   if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] || !packed(w, xd[1], yd[1], &wp))
     return ffi::Error::InvalidArgument(
-        "cpu_decode.matmul: want x [M,K], w [ceil(N/32),K,32] float32 or bfloat16, y [M,N]");
+        "cpu_decode.matmul: want x [M,K], w [ceil(N/32),K,32] float32 or bfloat16 (or "
+        "[ceil(N/32),ceil(K/2),32] uint32 pairs), y [M,N]");
   matmul(pool, x.typed_data(), wp, y->typed_data(), xd[0], xd[1], yd[1]);
   return ffi::Error::Success();
 }
@@ -416,7 +514,8 @@ void rope(float* v, const float* cos, const float* sin, int64_t half) {
 
 // Softmax attention of `group` query heads (q [group, hd]) over one kv head's keys and values
 // [s, hd], where ok[t] -> out [group, hd]. Masked logits are kNegInf, as in llama.attend.
-void attend_group(const float* q, const float* keys, const float* values, const bool* ok,
+template <typename T>
+void attend_group(const float* q, const T* keys, const T* values, const bool* ok,
                   int64_t group, int64_t s, int64_t hd, float* out) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   float* probs = scratch(0, group * (s + 1));  // runs on helper threads: their own scratch
@@ -444,19 +543,22 @@ void attend_group(const float* q, const float* keys, const float* values, const 
 ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ln1,
                        ffi::AnyBuffer wqkv, ffi::Buffer<ffi::F32> bqkv, ffi::AnyBuffer wo,
                        ffi::Buffer<ffi::F32> ln2, ffi::AnyBuffer wgu, ffi::AnyBuffer wd,
-                       ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in,
-                       ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                       ffi::Buffer<ffi::PRED> mask, ffi::BufferR0<ffi::S32> start_buf,
-                       ffi::ResultBuffer<ffi::F32> x_out, ffi::ResultBuffer<ffi::F32> k_cache,
-                       ffi::ResultBuffer<ffi::F32> v_cache, int64_t heads, int64_t kv_heads,
-                       float eps) {
+                       ffi::AnyBuffer k_in, ffi::AnyBuffer v_in, ffi::Buffer<ffi::F32> cos,
+                       ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::PRED> mask,
+                       ffi::BufferR0<ffi::S32> start_buf, ffi::ResultBuffer<ffi::F32> x_out,
+                       ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache,
+                       int64_t heads, int64_t kv_heads, int64_t f, float eps) {
   const auto xd = x.dimensions(), cd = k_in.dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || heads <= 0 || kv_heads <= 0 || heads % kv_heads)
+  if (xd.size() != 2 || cd.size() != 4 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || f <= 0)
     return ffi::Error::InvalidArgument("cpu_decode.layer: want x [B,D], caches [B,KV,S,hd]");
   const int64_t b = xd[0], d = xd[1], s = cd[2], hd = cd[3], group = heads / kv_heads;
   const int64_t nq = heads * hd, nqkv = (heads + 2 * kv_heads) * hd;
-  const int64_t f = wd.dimensions().size() == 3 ? wd.dimensions()[1] : -1;
   Packed pqkv, po, pgu, pd;
+  const auto cache_type = k_in.element_type();
+  if ((cache_type != ffi::DataType::F32 && cache_type != ffi::DataType::BF16) ||
+      v_in.element_type() != cache_type || k_cache->element_type() != cache_type ||
+      v_cache->element_type() != cache_type)
+    return ffi::Error::InvalidArgument("cpu_decode.layer: want float32 or bfloat16 caches");
   if (cd[0] != b || cd[1] != kv_heads || v_in.element_count() != k_in.element_count() || hd % 2 ||
       !packed(wqkv, d, nqkv, &pqkv) || bqkv.element_count() != nqkv ||
       !packed(wo, nq, d, &po) || !packed(wgu, d, 2 * f, &pgu) || !packed(wd, f, d, &pd) ||
@@ -467,8 +569,6 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t start = *start_buf.typed_data();
   if (start < 0 || start >= s)
     return ffi::Error::InvalidArgument("cpu_decode.layer: write index outside the cache");
-  float* ck = k_cache->typed_data();  // aliases k_in: the write is in place
-  float* cv = v_cache->typed_data();
   float* out = x_out->typed_data();
   const float* cs = cos.typed_data();
   const float* sn = sin.typed_data();
@@ -482,23 +582,29 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   // One (row, kv head) per item: the bias and RoPE of its query group and its key and value,
   // the cache write, then attention of the group over its keys and values.
   const float* bias = bqkv.typed_data();
-  parallel_for(pool, b * kv_heads, b * heads * s * hd, [&](int64_t item) {
-    const int64_t r = item / kv_heads, j = item % kv_heads, at = (r * kv_heads + j) * s * hd;
-    float* row = qkv + r * nqkv;
-    float* q = row + j * group * hd;
-    float* k = row + nq + j * hd;
-    float* v = row + nq + (kv_heads + j) * hd;
-    for (float* part : {q, k, v})
-      for (int64_t i = 0, n = part == q ? group * hd : hd; i < n; ++i)
-        part[i] += bias[part - row + i];
-    const float *cos_r = cs + r * hd / 2, *sin_r = sn + r * hd / 2;
-    for (int64_t g = 0; g < group; ++g) rope(q + g * hd, cos_r, sin_r, hd / 2);
-    rope(k, cos_r, sin_r, hd / 2);
-    std::memcpy(ck + at + start * hd, k, hd * sizeof(float));
-    std::memcpy(cv + at + start * hd, v, hd * sizeof(float));
-    attend_group(q, ck + at, cv + at, allowed + r * s, group, s, hd,
-                 attn + r * nq + j * group * hd);
-  });
+  auto attend = [&](auto* ck, auto* cv) {  // the caches (aliasing k_in, v_in: written in place)
+    parallel_for(pool, b * kv_heads, b * heads * s * hd, [&](int64_t item) {
+      const int64_t r = item / kv_heads, j = item % kv_heads, at = (r * kv_heads + j) * s * hd;
+      float* row = qkv + r * nqkv;
+      float* q = row + j * group * hd;
+      float* k = row + nq + j * hd;
+      float* v = row + nq + (kv_heads + j) * hd;
+      for (float* part : {q, k, v})
+        for (int64_t i = 0, n = part == q ? group * hd : hd; i < n; ++i)
+          part[i] += bias[part - row + i];
+      const float *cos_r = cs + r * hd / 2, *sin_r = sn + r * hd / 2;
+      for (int64_t g = 0; g < group; ++g) rope(q + g * hd, cos_r, sin_r, hd / 2);
+      rope(k, cos_r, sin_r, hd / 2);
+      narrow(k, ck + at + start * hd, hd);  // attention reads them back as stored
+      narrow(v, cv + at + start * hd, hd);
+      attend_group(q, ck + at, cv + at, allowed + r * s, group, s, hd,
+                   attn + r * nq + j * group * hd);
+    });
+  };
+  if (cache_type == ffi::DataType::BF16)
+    attend(static_cast<bf16*>(k_cache->untyped_data()), static_cast<bf16*>(v_cache->untyped_data()));
+  else
+    attend(static_cast<float*>(k_cache->untyped_data()), static_cast<float*>(v_cache->untyped_data()));
   matmul(pool, attn, po, out, b, nq, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
   rms_norm(out, ln2.typed_data(), h, b, d, eps);
@@ -579,17 +685,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmDecodeLayer, DecodeLayer,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // post_attention_layernorm
                                   .Arg<ffi::AnyBuffer>()          // gate|up packed
                                   .Arg<ffi::AnyBuffer>()          // down packed
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache [B, KV, S, hd]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache
+                                  .Arg<ffi::AnyBuffer>()          // k cache [B, KV, S, hd]
+                                  .Arg<ffi::AnyBuffer>()          // v cache (the same type)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // cos [B, hd/2]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // sin [B, hd/2]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // attention mask [B, S]
                                   .Arg<ffi::BufferR0<ffi::S32>>() // write index
                                   .Ret<ffi::Buffer<ffi::F32>>()   // x out
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // k cache (aliased)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // v cache (aliased)
+                                  .Ret<ffi::AnyBuffer>()          // k cache (aliased)
+                                  .Ret<ffi::AnyBuffer>()          // v cache (aliased)
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("mlp")   // the MLP's width
                                   .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmDecodeHead, Head,
