@@ -175,8 +175,9 @@ def test_generate_samples_the_same_with_and_without_the_kernels(monkeypatch):
 
 def test_a_bfloat16_model_samples_through_the_kernels(monkeypatch):
     """generate() on a bfloat16 model: its cache stays bfloat16 through the fused steps. The
-    first token comes from the prefill, where the packed bfloat16 products equal XLA's; later
-    ones may part where bfloat16 rounds two near-equal logits differently."""
+    first token comes from the prefill (float32 activations into bfloat16 products with the
+    kernels, bfloat16 activations without: within bfloat16's rounding); later ones may part
+    where the two round near-equal logits differently."""
     cfg = ODD.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), models.init(ODD, jax.random.key(0)))
     prompts = [[5, 7, 9], [3] * 8, [11, 2]]

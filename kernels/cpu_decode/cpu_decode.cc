@@ -620,23 +620,30 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // more than the output projection). A row with a NaN gets top n - 1 and lse NaN, as
 // generate's jnp version does.
 void row_stats(const float* l, int64_t n, int32_t* top, float* lse) {
+  typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+  vi lane, at = {};  // at[j]: where lane j first held its largest value, mv[j]
+  for (int j = 0; j < kLanes; ++j) lane[j] = j;
   vf mv = vf{} - __builtin_inff();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vf v = load(l + i);
+    at = v > mv ? lane + static_cast<int32_t>(i) : at;
     mv = (v > mv) | (v != v) ? v : mv;  // a NaN, once in, stays
   }
+  bool nan = false;
   float m = -__builtin_inff();
-  for (int j = 0; j < kLanes; ++j) m = (mv[j] > m || mv[j] != mv[j]) ? mv[j] : m;
-  for (; i < n; ++i) m = (l[i] > m || l[i] != l[i]) ? l[i] : m;
-  *top = static_cast<int32_t>(n - 1);
-  for (i = 0; i < n; ++i)
-    if (l[i] == m) {
-      *top = static_cast<int32_t>(i);
-      break;
-    }
-  if (m != m || m == -__builtin_inff()) {
-    *lse = m;
+  int64_t first = 0;
+  auto offer = [&](float v, int64_t where) {  // keeps the first index of the largest value
+    if (v != v)
+      nan = true;
+    else if (v > m || (v == m && where < first))
+      m = v, first = where;
+  };
+  for (int j = 0; j < kLanes; ++j) offer(mv[j], at[j]);
+  for (; i < n; ++i) offer(l[i], i);
+  *top = static_cast<int32_t>(nan ? n - 1 : first);
+  if (nan || m == -__builtin_inff()) {
+    *lse = nan ? __builtin_nanf("") : m;
     return;
   }
   *lse = m + std::log(exp_shifted(l, m, nullptr, n));
