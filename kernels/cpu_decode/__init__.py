@@ -145,9 +145,10 @@ def layer(x, weights, k_cache, v_cache, cos, sin, mask, start, *, heads: int, kv
     updated in place at `start`.
 
     x [B, D]; weights = (input norm scale, packed q|k|v, q|k|v bias, packed o, post-attention
-    norm scale, packed gate|up, packed down; `mlp` the MLP's width), the norms and bias float32, the kernels packed
-    alike (pack); caches [B, KV, S, hd], both float32 or both bfloat16; cos/sin [B, hd/2] of
-    each row's position; mask [B, S] (which cache slots each row attends to)."""
+    norm scale, packed gate|up, packed down; `mlp` the MLP's width), the norms and bias
+    float32, the kernels packed alike (pack); caches [B, KV, S, hd], both float32 or both
+    bfloat16; cos/sin [B, hd/2] of each row's position; mask [B, S] (which cache slots each
+    row attends to)."""
     _registered()
     out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),

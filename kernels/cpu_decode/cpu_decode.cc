@@ -69,7 +69,9 @@ inline float widen(bf16 x) {
 }
 // out[i] = in[i] as the cache's (or a bfloat16 product's) type, i < n: bfloat16 rounded to
 // nearest even, as jnp's astype does (a NaN stays a NaN).
-inline void narrow(const float* in, float* out, int64_t n) { std::memcpy(out, in, n * sizeof(float)); }
+inline void narrow(const float* in, float* out, int64_t n) {
+  std::memcpy(out, in, n * sizeof(float));
+}
 inline void narrow(const float* in, bf16* out, int64_t n) {
   typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
   auto round16 = [](vu u) {
@@ -606,8 +608,11 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache,
                        int64_t heads, int64_t kv_heads, int64_t f, float eps) {
   const auto xd = x.dimensions(), cd = k_in.dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || f <= 0)
-    return ffi::Error::InvalidArgument("cpu_decode.layer: want x [B,D], caches [B,KV,S,hd]");
+  if (xd.size() != 2 || cd.size() != 4 || heads <= 0 || kv_heads <= 0 || heads % kv_heads ||
+      f <= 0)
+    return ffi::Error::InvalidArgument(
+        "cpu_decode.layer: want x [B,D], caches [B,KV,S,hd], heads a multiple of kv_heads, "
+        "mlp > 0");
   const int64_t b = xd[0], d = xd[1], s = cd[2], hd = cd[3], group = heads / kv_heads;
   const int64_t nq = heads * hd, nqkv = (heads + 2 * kv_heads) * hd;
   Packed pqkv, po, pgu, pd;
@@ -658,10 +663,11 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                    attn + r * nq + j * group * hd);
     });
   };
+  void *ck = k_cache->untyped_data(), *cv = v_cache->untyped_data();
   if (cache_type == ffi::DataType::BF16)
-    attend(static_cast<bf16*>(k_cache->untyped_data()), static_cast<bf16*>(v_cache->untyped_data()));
+    attend(static_cast<bf16*>(ck), static_cast<bf16*>(cv));
   else
-    attend(static_cast<float*>(k_cache->untyped_data()), static_cast<float*>(v_cache->untyped_data()));
+    attend(static_cast<float*>(ck), static_cast<float*>(cv));
   matmul(pool, attn, po, out, b, nq, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
   rms_norm(out, ln2.typed_data(), h, b, d, eps);
