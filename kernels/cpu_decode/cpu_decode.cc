@@ -23,13 +23,12 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
-#ifdef __AVX512BF16__
+#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
@@ -125,10 +124,28 @@ inline vf dot_pairs(vf acc, pair_t x, vu w) {
 #endif
 }
 
-// e^x, 16 lanes at a time: within a few ulp for x in [-87, 88], 0 below, +inf above
-// (libm's expf does not vectorise without -ffast-math, whose flush-to-zero would leak into
-// the whole process). e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln(2)/2, e^r by Taylor.
+// e^x, 16 lanes at a time: within a few ulp (denormal results aside), 0 far below, +inf
+// above 88.7 (portable: 0 below -87, +inf above 88), NaN for NaN (libm's expf does not
+// vectorise without -ffast-math, whose flush-to-zero would leak into the whole process).
+// e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln(2)/2, e^r by Taylor to r^6. AVX-512 rounds
+// and scales in one instruction each (vrndscaleps, vscalefps: 13 operations, half of the
+// portable version's; the head's log-sum-exp and attention's softmax spend most of their
+// time here).
 inline vf exp16(vf x) {
+  auto taylor = [](vf r) {
+    vf p = vf{} + 1.0f / 720;
+    for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
+    return p;
+  };
+#ifdef __AVX512F__
+  // max(c, x) and min(c, x) return x where x is NaN, so a NaN stays a NaN.
+  const __m512 v = _mm512_min_ps(_mm512_set1_ps(89.0f),
+                                 _mm512_max_ps(_mm512_set1_ps(-104.0f), (__m512)x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf r = (vf)v - (vf)n * 0.693145751953125f - (vf)n * 1.428606765330187e-06f;
+  return (vf)_mm512_scalef_ps((__m512)taylor(r), n);
+#else
   typedef int32_t vi __attribute__((vector_size(64)));
   const vf lo = x < -87.0f ? vf{} + 1 : vf{};
   const vf hi = x > 88.0f ? vf{} + __builtin_inff() : vf{};
@@ -138,12 +155,11 @@ inline vf exp16(vf x) {
   const vf t = __builtin_convertvector(__builtin_convertvector(z, vi), vf);  // towards 0
   const vf n = t > z ? t - 1 : t;                                             // floor(z)
   const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  vf p = vf{} + 1.0f / 720;
-  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return lo != 0 ? vf{} : hi != 0 ? hi : p * scale;
+  return lo != 0 ? vf{} : hi != 0 ? hi : taylor(r) * scale;
+#endif
 }
 
 inline float hsum(vf v) {  // a tree of half-width adds
@@ -367,35 +383,94 @@ void weighted_rows(const float* p, int64_t ps, const T* rows, float* out, int64_
 #define JAXLLM_SERIAL_WORK (int64_t{1} << 18)
 #endif
 constexpr int64_t kSerialWork = JAXLLM_SERIAL_WORK;
+constexpr int64_t kExpWork = 16;  // an exp16 per value takes about as long as 16 multiply-adds
 
-// fn(i) for i in [0, n), on this thread and up to pool-size - 1 helpers. Items are claimed
-// from a counter, so a helper that starts late (its pool busy) finds nothing left and returns:
-// this thread waits only for items already running, never for a queued task, and cannot
-// deadlock when every pool thread is itself inside such a call.
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t work, Fn fn) {
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n);
-  if (threads <= 1 || work < kSerialWork) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
+// The helpers of one kernel call: up to pool-size - 1 of XLA's threads, each scheduled once
+// and kept, spinning, until the call returns, so that its stages (a layer has five) hand out
+// work without a Schedule each: XLA's idle threads went back to sleep between stages, and
+// waking a sleeping virtual CPU cost more than many of the stages.
+//
+// A job's items are claimed from one word, the ticket (epoch, items, next): a claim is one
+// compare-and-swap, which fails on a finished job (next == items), so no helper runs an item
+// of a job whose caller has moved on, and a job's function is read only after a claim. The
+// caller waits only for items that are running, never for a helper that has not started (its
+// pool busy): one that starts after the call has ended finds `quit` and returns. So two
+// calls that share a pool cannot deadlock waiting on each other's queued helpers.
+class Crew {
+ public:
+  Crew(ffi::ThreadPool& pool, int64_t work) {
+    const int64_t helpers = work >= kSerialWork ? pool.num_threads() - 1 : 0;
+    for (int64_t i = 0; i < helpers; ++i)
+      pool.Schedule([state = state_] {
+        state->active.fetch_add(1);
+        while (!state->quit.load()) {
+          if (!state->claim_and_run()) pause();
+        }
+        state->active.fetch_sub(1);
+      });
+    threads_ = std::max<int64_t>(helpers, 0) + 1;
   }
-  struct Job {
-    Fn fn;
-    int64_t n;
-    std::atomic<int64_t> next{0}, done{0};
-    Job(Fn f, int64_t n) : fn(std::move(f)), n(n) {}
-  };
-  auto job = std::make_shared<Job>(std::move(fn), n);
-  auto run = [job] {
-    for (int64_t i; (i = job->next.fetch_add(1)) < job->n;) {
-      job->fn(i);
-      job->done.fetch_add(1, std::memory_order_release);
+  int64_t threads() const { return threads_; }
+  ~Crew() {
+    state_->quit.store(true);  // before reading `active`: a helper sees it, or we see it
+    while (state_->active.load() > 0) pause();
+  }
+
+  // fn(i) for i in [0, n), on this thread and the helpers; on this thread alone below
+  // kSerialWork multiply-adds (about what handing out work costs).
+  template <typename Fn>
+  void parallel_for(int64_t n, int64_t work, Fn fn) {
+    if (threads_ == 1 || n < 2 || work < kSerialWork || n >= kMaxItems) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    State& s = *state_;
+    s.call = [](void* f, int64_t i) { (*static_cast<Fn*>(f))(i); };
+    s.ctx = &fn;
+    s.done.store(0, std::memory_order_relaxed);
+    epoch_ = (epoch_ + 1) & kEpochMask;
+    s.ticket.store(epoch_ << 2 * kIndexBits | uint64_t(n) << kIndexBits,
+                   std::memory_order_release);  // publishes call and ctx
+    while (s.claim_and_run()) {
+    }
+    while (s.done.load(std::memory_order_acquire) < n) pause();
+  }
+
+ private:
+  static constexpr int kIndexBits = 20;
+  static constexpr int64_t kMaxItems = int64_t{1} << kIndexBits;
+  static constexpr uint64_t kEpochMask = (uint64_t{1} << (64 - 2 * kIndexBits)) - 1;
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  struct State {
+    std::atomic<uint64_t> ticket{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> active{0};
+    std::atomic<bool> quit{false};
+    void (*call)(void*, int64_t) = nullptr;
+    void* ctx = nullptr;
+
+    bool claim_and_run() {  // false when the current job has no unclaimed item
+      uint64_t t = ticket.load(std::memory_order_acquire);
+      while ((t & (kMaxItems - 1)) < ((t >> kIndexBits) & (kMaxItems - 1)))
+        if (ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+          call(ctx, t & (kMaxItems - 1));
+          done.fetch_add(1, std::memory_order_release);
+          return true;
+        }
+      return false;
     }
   };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(run)(run));
-  run();
-  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
+  std::shared_ptr<State> state_ = std::make_shared<State>();
+  uint64_t epoch_ = 0;
+  int64_t threads_ = 1;
+};
 
 // Ask for the weights 4 KiB ahead of the ones being multiplied: on its own the hardware
 // prefetcher kept a thread's stream at 18 GB/s, with this at 25 (the FMAs' pace), and a
@@ -491,12 +566,15 @@ const pair_t* bf16_pairs(const float* x, int64_t m, int64_t k) {
   return reinterpret_cast<const pair_t*>(pairs.data());
 }
 
-void matmul(ffi::ThreadPool& pool, const float* x, Packed w, float* y, int64_t m, int64_t k,
-            int64_t n) {
+// Chunks of a product's panels per thread, claimed one at a time: enough for a thread that
+// started late, or shares its core, to leave the rest to the others.
+constexpr int64_t kChunksPerThread = 4;
+
+void matmul(Crew& crew, const float* x, Packed w, float* y, int64_t m, int64_t k, int64_t n) {
   const int64_t total = (n + kPanel - 1) / kPanel;
-  const int64_t chunks = std::min<int64_t>(total, 4 * std::max<int64_t>(pool.num_threads(), 1));
+  const int64_t chunks = std::min<int64_t>(total, kChunksPerThread * crew.threads());
   const pair_t* xp = w.type == ffi::DataType::U32 ? bf16_pairs(x, m, k) : nullptr;
-  parallel_for(pool, chunks, m * k * n, [=](int64_t c) {
+  crew.parallel_for(chunks, m * k * n, [=](int64_t c) {
     const int64_t first = c * total / chunks, last = (c + 1) * total / chunks;
     if (xp)
       panels(xp, static_cast<const uint32_t*>(w.data), y, m, (k + 1) / 2, n, first, last);
@@ -527,7 +605,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
     return ffi::Error::InvalidArgument(
         "cpu_decode.matmul: want x [M,K], w [ceil(N/32),K,32] float32 or bfloat16 (or "
         "[ceil(N/32),ceil(K/2),32] uint32 pairs), y [M,N]");
-  matmul(pool, x.typed_data(), wp, y->typed_data(), xd[0], xd[1], yd[1]);
+  Crew crew(pool, xd[0] * xd[1] * yd[1]);
+  matmul(crew, x.typed_data(), wp, y->typed_data(), xd[0], xd[1], yd[1]);
   return ffi::Error::Success();
 }
 
@@ -636,16 +715,17 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* sn = sin.typed_data();
   const bool* allowed = mask.typed_data();
 
+  Crew crew(pool, b * d * nqkv);
   float* h = scratch(1, b * (2 * d + nqkv + nq + 3 * f));  // one block, carved
   float *qkv = h + b * d, *attn = qkv + b * nqkv, *gu = attn + b * nq, *act = gu + b * 2 * f;
   float* down = act + b * f;
   rms_norm(x.typed_data(), ln1.typed_data(), h, b, d, eps);
-  matmul(pool, h, pqkv, qkv, b, d, nqkv);
+  matmul(crew, h, pqkv, qkv, b, d, nqkv);
   // One (row, kv head) per item: the bias and RoPE of its query group and its key and value,
   // the cache write, then attention of the group over its keys and values.
   const float* bias = bqkv.typed_data();
   auto attend = [&](auto* ck, auto* cv) {  // the caches (aliasing k_in, v_in: written in place)
-    parallel_for(pool, b * kv_heads, b * heads * s * hd, [&](int64_t item) {
+    crew.parallel_for(b * kv_heads, b * heads * s * hd, [&](int64_t item) {
       const int64_t r = item / kv_heads, j = item % kv_heads, at = (r * kv_heads + j) * s * hd;
       float* row = qkv + r * nqkv;
       float* q = row + j * group * hd;
@@ -668,12 +748,14 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     attend(static_cast<bf16*>(ck), static_cast<bf16*>(cv));
   else
     attend(static_cast<float*>(ck), static_cast<float*>(cv));
-  matmul(pool, attn, po, out, b, nq, d);
+  matmul(crew, attn, po, out, b, nq, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += x.typed_data()[i];
   rms_norm(out, ln2.typed_data(), h, b, d, eps);
-  matmul(pool, h, pgu, gu, b, d, 2 * f);
-  for (int64_t r = 0; r < b; ++r) silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
-  matmul(pool, act, pd, down, b, f, d);
+  matmul(crew, h, pgu, gu, b, d, 2 * f);
+  crew.parallel_for(b, kExpWork * b * f, [&](int64_t r) {  // a row each
+    silu_times(gu + r * 2 * f, gu + r * 2 * f + f, act + r * f, f);
+  });
+  matmul(crew, act, pd, down, b, f, d);
   for (int64_t i = 0; i < b * d; ++i) out[i] += down[i];
   return ffi::Error::Success();
 }
@@ -725,11 +807,12 @@ ffi::Error Head(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument(
         "cpu_decode.head: want x [B,D], scale [D], w [ceil(V/32),D,32], logits [B,V]");
   const int64_t b = xd[0], d = xd[1], v = ld[1];
+  Crew crew(pool, b * d * v);
   float* h = scratch(2, b * d);
   rms_norm(x.typed_data(), scale.typed_data(), h, b, d, eps);
   float* out = logits->typed_data();
-  matmul(pool, h, wp, out, b, d, v);
-  parallel_for(pool, b, 16 * b * v, [&](int64_t r) {
+  matmul(crew, h, wp, out, b, d, v);
+  crew.parallel_for(b, kExpWork * b * v, [&](int64_t r) {
     row_stats(out + r * v, v, top->typed_data() + r, lse->typed_data() + r);
   });
   return ffi::Error::Success();
