@@ -13,25 +13,39 @@ import jax
 from jaxllm.data.sources import DataError
 
 
-def load_hf_sharded(hf_dir: str):
+def load_hf_sharded(hf_dir: str, dtype: str | None = None):
     """(ModelConfig, params, mesh, rules) of an HF directory, its params sharded over all
-    devices along fsdp (the default mesh)."""
+    devices along fsdp (the default mesh), read as `dtype` when given."""
     from jaxllm import config, sharding
     from jaxllm.interop import hf
     mesh_cfg = config.MeshConfig()
     mesh = sharding.make_mesh(mesh_cfg)
-    return (*hf.load(hf_dir, mesh=mesh, rules=mesh_cfg.rules), mesh, mesh_cfg.rules)
+    return (*hf.load(hf_dir, dtype=dtype, mesh=mesh, rules=mesh_cfg.rules), mesh, mesh_cfg.rules)
+
+
+def as_dtype(cfg, params: dict, dtype: str | None):
+    """The model held and computed in `dtype` (None: as it is): its float params cast, and
+    its config's param_dtype and compute_dtype set, so that e.g. a bfloat16 model multiplies
+    in bfloat16 as it was trained, with the fused CPU decode kernels' bfloat16 products."""
+    if dtype is None:
+        return cfg, params
+    import jax.numpy as jnp
+    params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                          else a, params)
+    return cfg.replace(param_dtype=dtype, compute_dtype=dtype), params
 
 
 def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = None,
-               keep_heads: bool = False, with_mesh: bool = False):
+               keep_heads: bool = False, with_mesh: bool = False, dtype: str | None = None):
     """(ModelConfig, model params, tokenizer, stop token ids) from a run or an HF directory,
-    plus (mesh, rules) when with_mesh. A LoRA run's adapters are applied to its base; a reward
-    run's "score" head is kept only with keep_heads (sampling uses the backbone)."""
+    plus (mesh, rules) when with_mesh, the model in `dtype` when given (see as_dtype). A LoRA
+    run's adapters are applied to its base; a reward run's "score" head is kept only with
+    keep_heads (sampling uses the backbone)."""
     from jaxllm import sharding
     from jaxllm.data.tokenizer import from_pretrained, load_tokenizer
     if hf_dir:
-        cfg, params, mesh, rules = load_hf_sharded(hf_dir)
+        cfg, params, mesh, rules = load_hf_sharded(hf_dir, dtype)  # read as dtype: no 2nd copy
+        cfg, params = as_dtype(cfg, params, dtype)
         tok = from_pretrained(hf_dir)
         stops = {tok.eos_id} if tok.eos_id is not None else set()
         gen = Path(hf_dir) / "generation_config.json"
@@ -49,7 +63,9 @@ def load_model(checkpoint: str | None, hf_dir: str | None, step: int | None = No
     _, frozen = base_and_frozen(exp, get_task(exp.task), mesh, need_base=False)
     tok = load_tokenizer(exp.data.tokenizer, Path(checkpoint), None)
     heads = {k: v for k, v in params.items() if k == "score"} if keep_heads else {}
-    out = exp.model, model_params(exp, params, frozen, merged=True) | heads, tok, [tok.eos_id]
+    cfg, params = as_dtype(exp.model, model_params(exp, params, frozen, merged=True) | heads,
+                           dtype)
+    out = cfg, params, tok, [tok.eos_id]
     return out + ((mesh, exp.mesh.rules),) if with_mesh else out
 
 
@@ -61,7 +77,8 @@ def _check_args(args) -> None:
 
 def _load(args):
     _check_args(args)
-    cfg, params, tok, stops, mesh_rules = load_model(args.checkpoint, args.hf, with_mesh=True)
+    cfg, params, tok, stops, mesh_rules = load_model(args.checkpoint, args.hf, with_mesh=True,
+                                                     dtype=args.dtype)
     if "soft_prompt" in params:
         raise DataError(f"{args.checkpoint}: sampling from a prompt-tuning run is not supported "
                         "(the soft prompt cannot go through the KV cache yet)")
@@ -164,6 +181,9 @@ def add_parsers(sub) -> None:
         p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
         p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                       help="hold and compute the model in this dtype (default: as stored in "
+                       "the run; float32 for --hf)")
 
     g = sub.add_parser("generate", help="sample continuations of prompts (KV-cache sampler)")
     common(g)

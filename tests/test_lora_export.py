@@ -50,6 +50,10 @@ def test_convert_to_peft_loads_in_peft_with_our_logits(tmp_path):
 
     cfg, merged, _, _ = load_model(str(tmp_path / "run"), None)
     ours = _logits(merged, cfg)
+    cfg16, merged16, _, _ = load_model(str(tmp_path / "run"), None, dtype="bfloat16")
+    assert (cfg16.param_dtype, cfg16.compute_dtype) == ("bfloat16", "bfloat16")
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(merged16)):  # the same, rounded
+        assert b.dtype == jnp.bfloat16 and np.array_equal(a.astype(jnp.bfloat16), b)
     assert np.abs(ours - _logits(base, cfg)).max() > 1e-2  # the adapters matter
     adapter_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())

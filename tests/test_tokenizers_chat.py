@@ -241,6 +241,23 @@ def test_generate_and_chat_cli_from_a_hugging_face_directory(hf_dir, capsys, mon
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_generate_cli_serves_a_bfloat16_model(hf_dir, capsys, monkeypatch):
+    from jaxllm import sharding
+    from jaxllm.cli_generate import load_model
+    cfg, params, tok, stops, mesh_rules = load_model(None, str(hf_dir), with_mesh=True,
+                                                     dtype="bfloat16")
+    assert (cfg.param_dtype, cfg.compute_dtype) == ("bfloat16", "bfloat16")
+    assert {str(a.dtype) for a in jax.tree.leaves(params)} == {"bfloat16"}
+    with sharding.use(*mesh_rules):
+        out = generate(params, cfg, [[tok.bos_id] + tok.encode("the fox")], max_new_tokens=6,
+                       stop_tokens=stops)
+    want = tok.decode([t for t in out["tokens"][0][:out["lengths"][0]] if t not in stops])
+    code, out, err = run_cli(capsys, monkeypatch, "generate", "--hf", str(hf_dir), "--prompt",
+                             "the fox", "--max-new-tokens", "6", "--dtype", "bfloat16")
+    assert code == 0, err[-2000:]
+    assert out == f"'the fox' -> {want!r}\n"
+
+
 def test_chat_history_drops_the_oldest_turns_when_full():
     from jaxllm.cli_generate import _chat_prompt
     tok = ByteTokenizer()
