@@ -252,10 +252,17 @@ def test_generate_cli_serves_a_bfloat16_model(hf_dir, capsys, monkeypatch):
         out = generate(params, cfg, [[tok.bos_id] + tok.encode("the fox")], max_new_tokens=6,
                        stop_tokens=stops)
     want = tok.decode([t for t in out["tokens"][0][:out["lengths"][0]] if t not in stops])
+    import jaxllm.generate
+    seen = []  # what the CLI samples from (the text alone could match a float32 model's)
+
+    def spy(params, cfg, *args, **kw):
+        seen.append((cfg.compute_dtype, {str(a.dtype) for a in jax.tree.leaves(params)}))
+        return generate(params, cfg, *args, **kw)
+    monkeypatch.setattr(jaxllm.generate, "generate", spy)
     code, out, err = run_cli(capsys, monkeypatch, "generate", "--hf", str(hf_dir), "--prompt",
                              "the fox", "--max-new-tokens", "6", "--dtype", "bfloat16")
     assert code == 0, err[-2000:]
-    assert out == f"'the fox' -> {want!r}\n"
+    assert out == f"'the fox' -> {want!r}\n" and seen == [("bfloat16", {"bfloat16"})]
 
 
 def test_chat_history_drops_the_oldest_turns_when_full():

@@ -390,9 +390,11 @@ constexpr int64_t kExpWork = 16;  // an exp16 per value takes about as long as 1
 // work without a Schedule each: XLA's idle threads went back to sleep between stages, and
 // waking a sleeping virtual CPU cost more than many of the stages.
 //
-// A job's items are claimed from one word, the ticket (epoch, items, next): a claim is one
+// A job's items are claimed from one word, the ticket (items, next): a claim is one
 // compare-and-swap, which fails on a finished job (next == items), so no helper runs an item
-// of a job whose caller has moved on, and a job's function is read only after a claim. The
+// of a job whose caller has moved on. A job's function is read only after a claim, which
+// acquires the caller's store of its ticket: a helper whose stale ticket happens to equal the
+// next job's claims an item of that job, rightly, and runs that job's function. The
 // caller waits only for items that are running, never for a helper that has not started (its
 // pool busy): one that starts after the call has ended finds `quit` and returns. So two
 // calls that share a pool cannot deadlock waiting on each other's queued helpers.
@@ -420,7 +422,7 @@ class Crew {
   // kSerialWork multiply-adds (about what handing out work costs).
   template <typename Fn>
   void parallel_for(int64_t n, int64_t work, Fn fn) {
-    if (threads_ == 1 || n < 2 || work < kSerialWork || n >= kMaxItems) {
+    if (threads_ == 1 || n < 2 || work < kSerialWork || n > kMaxItems) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
@@ -428,18 +430,14 @@ class Crew {
     s.call = [](void* f, int64_t i) { (*static_cast<Fn*>(f))(i); };
     s.ctx = &fn;
     s.done.store(0, std::memory_order_relaxed);
-    epoch_ = (epoch_ + 1) & kEpochMask;
-    s.ticket.store(epoch_ << 2 * kIndexBits | uint64_t(n) << kIndexBits,
-                   std::memory_order_release);  // publishes call and ctx
+    s.ticket.store(uint64_t(n) << 32, std::memory_order_release);  // publishes call and ctx
     while (s.claim_and_run()) {
     }
     while (s.done.load(std::memory_order_acquire) < n) pause();
   }
 
  private:
-  static constexpr int kIndexBits = 20;
-  static constexpr int64_t kMaxItems = int64_t{1} << kIndexBits;
-  static constexpr uint64_t kEpochMask = (uint64_t{1} << (64 - 2 * kIndexBits)) - 1;
+  static constexpr int64_t kMaxItems = int64_t{0xffffffff};
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -458,9 +456,9 @@ class Crew {
 
     bool claim_and_run() {  // false when the current job has no unclaimed item
       uint64_t t = ticket.load(std::memory_order_acquire);
-      while ((t & (kMaxItems - 1)) < ((t >> kIndexBits) & (kMaxItems - 1)))
+      while ((t & 0xffffffff) < (t >> 32))
         if (ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
-          call(ctx, t & (kMaxItems - 1));
+          call(ctx, int64_t(t & 0xffffffff));
           done.fetch_add(1, std::memory_order_release);
           return true;
         }
@@ -468,7 +466,6 @@ class Crew {
     }
   };
   std::shared_ptr<State> state_ = std::make_shared<State>();
-  uint64_t epoch_ = 0;
   int64_t threads_ = 1;
 };
 
